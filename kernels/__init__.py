@@ -1,0 +1,1 @@
+"""Triton device code (installed as ``qdiff._kernels``). Imported lazily by ``qdiff.ops`` only; never at ``import qdiff``."""

@@ -1,0 +1,44 @@
+"""qdiff: post-training quantization for few-step text-to-image diffusion pipelines.
+
+Public API (imported lazily so that ``import qdiff`` stays cheap and never touches CUDA, Triton
+or the network)::
+
+    import qdiff
+    pipe = qdiff.quantize(pipe, "w8a8")      # recipe name, path, Recipe or Plan
+    qdiff.save(pipe, "out/")
+    pipe = qdiff.load("out/")
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = ["Recipe", "Plan", "QdiffError", "quantize", "save", "load", "load_pipeline", "__version__"]
+
+_LAZY = {
+    "Recipe": ("qdiff.recipe", "Recipe"),
+    "Plan": ("qdiff.calib.plan", "Plan"),
+    "QdiffError": ("qdiff.errors", "QdiffError"),
+    "quantize": ("qdiff.api", "quantize"),
+    "save": ("qdiff.api", "save"),
+    "load": ("qdiff.api", "load"),
+    "load_pipeline": ("qdiff.models.resolve", "load_pipeline"),
+}
+
+if TYPE_CHECKING:  # pragma: no cover
+    from qdiff.api import load, quantize, save
+    from qdiff.calib.plan import Plan
+    from qdiff.errors import QdiffError
+    from qdiff.models.resolve import load_pipeline
+    from qdiff.recipe import Recipe
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'qdiff' has no attribute {name!r}")
