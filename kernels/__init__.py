@@ -1,1 +1,4 @@
-"""Triton device code (installed as ``qdiff._kernels``). Imported lazily by ``qdiff.ops`` only; never at ``import qdiff``."""
+"""Triton device code, installed as ``qdiff._kernels``.
+
+Imported lazily by ``qdiff.ops`` only, never at ``import qdiff``.
+"""

@@ -1,0 +1,160 @@
+"""``qdiff`` command line: a thin layer over the public API, one sub-command per verb.
+
+Every user error is a :class:`~qdiff.errors.QdiffError`, printed as one line on stderr with exit
+code 1; an unexpected failure prints one line too (set ``QDIFF_DEBUG=1`` for the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from qdiff.errors import QdiffError
+
+EXIT_ERROR = 1
+EXIT_INTERNAL = 3
+
+
+def _add_quantize(sub) -> None:
+    p = sub.add_parser("quantize", help="quantize a pipeline with a recipe (or a plan) and export it")
+    p.add_argument("--model", help="local diffusers folder, hub id in the local cache, or builtin:NAME")
+    p.add_argument("--recipe", default="w8a8", help="bundled recipe name or YAML path (default: w8a8)")
+    p.add_argument("--plan", help="per-layer plan JSON (from qdiff calibrate); the recipe supplies the rest")
+    p.add_argument("--out", required=True, help="export folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="load the model in")
+    p.add_argument("--device", default="cpu", help="device for calibration and packing (default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_generate(sub) -> None:
+    p = sub.add_parser("generate", help="generate images with an export folder or any model")
+    p.add_argument("model", help="export folder, diffusers folder, hub id (local cache) or builtin:NAME")
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several images)")
+    p.add_argument("--steps", type=int, help="sampling steps (default: the export's recipe, else 4)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: the export's recipe, else 1.0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", required=True, help="PNG path; several prompts are written side by side")
+
+
+def _add_inspect(sub) -> None:
+    p = sub.add_parser("inspect", help="table of layers, bits and bytes of an export folder")
+    p.add_argument("folder")
+    p.add_argument("--all", action="store_true", help="list every layer (default: the first 40)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qdiff import __version__
+
+    parser = argparse.ArgumentParser(prog="qdiff", description="Post-training quantization for few-step diffusion.")
+    parser.add_argument("--version", action="version", version=f"qdiff {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_quantize(sub)
+    _add_generate(sub)
+    _add_inspect(sub)
+    return parser
+
+
+def cmd_quantize(args) -> int:
+    import qdiff
+    from qdiff.calib.plan import Plan
+    from qdiff.eval.size import module_nbytes
+    from qdiff.models.adapters import find_denoiser
+    from qdiff.models.resolve import load_pipeline
+    from qdiff.quant.transform import quantized_layers
+
+    recipe = qdiff.Recipe.load(args.recipe)  # validate inputs before any heavy work
+    plan = Plan.load(args.plan) if args.plan else None
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise QdiffError(f"output folder {out} already exists (use --overwrite to replace it)")
+    spec = args.model or recipe.model
+    if not spec:
+        raise QdiffError("recipe: model: missing; pass --model PATH_OR_ID or set `model:` in the recipe")
+    t0 = time.perf_counter()
+    pipe = load_pipeline(spec, torch_dtype=args.dtype)
+    pipe.to(args.device)
+    _, den = find_denoiser(pipe)
+    fp_bytes = module_nbytes(den)
+    qdiff.quantize(pipe, recipe, plan=plan, progress=not args.no_progress)
+    q_bytes = module_nbytes(den)
+    layers = quantized_layers(den)
+    qdiff.save(pipe, out, overwrite=args.overwrite)
+    tags: dict[str, int] = {}
+    for m in layers.values():
+        tags[m.qcfg.tag()] = tags.get(m.qcfg.tag(), 0) + 1
+    print(f"model      {spec}")
+    print(f"recipe     {recipe.name}: {recipe.description or recipe.weights}")
+    print(f"layers     {len(layers)} quantized ({', '.join(f'{n}x {t}' for t, n in sorted(tags.items()))})")
+    print(f"denoiser   {fp_bytes / 2**20:.2f} MiB -> {q_bytes / 2**20:.2f} MiB ({q_bytes / fp_bytes:.3f}x, measured)")
+    print(f"export     {out}  ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from qdiff.eval.images import hstack, save_png
+    from qdiff.models.resolve import load_pipeline
+    from qdiff.quant.transform import get_info
+
+    pipe = load_pipeline(args.model)
+    pipe.to(args.device)
+    from qdiff.models.adapters import find_denoiser
+
+    info = get_info(find_denoiser(pipe)[1])
+    sampler = info.recipe.sampler if info is not None else None
+    kwargs = {
+        "num_inference_steps": args.steps or (sampler.steps if sampler else 4),
+        "guidance_scale": args.guidance if args.guidance is not None else (sampler.guidance_scale if sampler else 1.0),
+    }
+    height = args.height or (sampler.height if sampler else None)
+    width = args.width or (sampler.width if sampler else None)
+    if height:
+        kwargs["height"] = height
+    if width:
+        kwargs["width"] = width
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    images = pipe(args.prompt, generator=generator, **kwargs).images
+    out = save_png(hstack(images), args.out)
+    print(f"wrote {out} ({len(images)} image(s), {kwargs['num_inference_steps']} steps, seed {args.seed})")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from qdiff.eval.size import export_report
+
+    print(export_report(Path(args.folder), limit=None if args.all else 40))
+    return 0
+
+
+COMMANDS = {"quantize": cmd_quantize, "generate": cmd_generate, "inspect": cmd_inspect}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # qdiff never downloads; fail fast instead of retrying
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except QdiffError as exc:
+        print(f"qdiff: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("qdiff: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI never shows a traceback unless asked
+        if os.environ.get("QDIFF_DEBUG"):
+            raise
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"qdiff: internal error: {type(exc).__name__}: {msg} (set QDIFF_DEBUG=1 for details)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

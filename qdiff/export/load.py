@@ -1,0 +1,100 @@
+"""Load a qdiff export folder back into a working diffusers pipeline: offline, safetensors/JSON only."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from qdiff.calib.plan import Plan
+from qdiff.errors import QdiffError
+from qdiff.export.manifest import read_manifest, verify_files
+from qdiff.quant.config import LayerQuant
+from qdiff.quant.transform import QuantInfo, build_frozen_shells, set_info
+from qdiff.recipe import Recipe
+
+# Denoiser classes an export may name (each has a qdiff architecture adapter).
+_DENOISERS = ("UNet2DConditionModel", "PixArtTransformer2DModel", "FluxTransformer2DModel", "SD3Transformer2DModel")
+
+
+def _denoiser_class(name: str, source: Path):
+    if name not in _DENOISERS:
+        raise QdiffError(f"{source}: denoiser class {name!r} is not supported (supported: {', '.join(_DENOISERS)})")
+    import diffusers
+
+    return getattr(diffusers, name)
+
+
+def load_denoiser(folder: Path, manifest: dict) -> torch.nn.Module:
+    """Rebuild the quantized denoiser: float architecture on meta → frozen shells → assign safetensors tensors."""
+    from accelerate import init_empty_weights
+
+    den_info = manifest["denoiser"]
+    attr = den_info.get("attr")
+    config_path = folder / str(attr) / "config.json"
+    weights_path = folder / str(den_info.get("weights"))
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise QdiffError(f"{config_path}: cannot read denoiser config ({exc})") from None
+    cls = _denoiser_class(str(den_info.get("class")), folder / "qdiff.json")
+    with init_empty_weights(include_buffers=False):
+        den = cls.from_config(config)
+    try:
+        specs = {name: LayerQuant.from_dict(entry["quant"]) for name, entry in manifest["layers"].items()}
+        build_frozen_shells(den, specs)
+    except (TypeError, ValueError, AttributeError, KeyError) as exc:
+        raise QdiffError(f"{folder / 'qdiff.json'}: layer table does not match the denoiser config ({exc})") from None
+    try:
+        tensors = load_file(str(weights_path), device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise QdiffError(f"{weights_path}: not a readable safetensors file ({exc})") from None
+    expected = den.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        what = "missing tensor" if missing else "unexpected tensor"
+        raise QdiffError(f"{weights_path}: {what} {key!r} ({len(missing)} missing, {len(unexpected)} unexpected)")
+    for key, ref in expected.items():
+        got = tensors[key]
+        if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
+            raise QdiffError(
+                f"{weights_path}: tensor {key!r} has shape {tuple(got.shape)} {got.dtype}, "
+                f"expected {tuple(ref.shape)} {ref.dtype}"
+            )
+    den.load_state_dict(tensors, strict=True, assign=True)
+    leftover = [n for n, t in list(den.named_parameters()) + list(den.named_buffers()) if t.is_meta]
+    if leftover:
+        raise QdiffError(f"{weights_path}: tensor {leftover[0]!r} was not restored")
+    return den.eval()
+
+
+def load_export(path: str | Path, device: str | torch.device | None = None):
+    """Load an export folder written by :func:`qdiff.save`; verifies version, hashes and shapes first."""
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest)
+    den = load_denoiser(folder, manifest)
+    recipe = Recipe.from_dict(manifest.get("recipe") or {})
+    plan = Plan.from_dict(manifest["plan"]) if manifest.get("plan") else None
+    for module in den.modules():
+        if hasattr(module, "kernel"):
+            module.kernel = recipe.kernel
+    set_info(den, QuantInfo(recipe=recipe, plan=plan, base_model=manifest.get("base_model")))
+    from diffusers import DiffusionPipeline
+
+    attr = manifest["denoiser"]["attr"]
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            str(folder), **{attr: den}, local_files_only=True, use_safetensors=True
+        )
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise QdiffError(f"{folder}: cannot load the pipeline components ({first})") from None
+    if device is not None:
+        pipe.to(device)
+    return pipe

@@ -1,0 +1,200 @@
+"""Turn a model spec string into a diffusers pipeline, without ever downloading anything.
+
+Specs, tried in this order:
+
+* ``builtin:<name>`` — a pipeline built in code (``builtin:tiny-sd``, ``builtin:tiny-sdxl``, ...);
+* a local folder — a qdiff export (it holds ``qdiff.json``) or a diffusers pipeline folder;
+* a Hugging Face hub id (``org/name``) — only if it is already in the local Hugging Face cache.
+
+Every failure is a :class:`~qdiff.errors.QdiffError` with a one-line message.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from qdiff.errors import QdiffError
+
+BUILTIN_PREFIX = "builtin:"
+EXPORT_MARKER = "qdiff.json"
+
+# Builtins that live in other modules, imported only when asked for: name -> "module:callable".
+# The callable takes no arguments and returns a pipeline, e.g. "shapes": "qdiff.models.shapes:shapes_pipeline".
+_LAZY_BUILTINS: dict[str, str] = {}
+# Builtins registered at run time with register_builtin().
+_REGISTERED: dict[str, Callable[[], object]] = {}
+
+
+def register_builtin(name: str, factory: Callable[[], object] | str) -> None:
+    """Make ``builtin:<name>`` available. ``factory`` is a no-argument callable or ``"module:callable"``."""
+    if isinstance(factory, str):
+        _LAZY_BUILTINS[name] = factory
+        _REGISTERED.pop(name, None)
+    else:
+        _REGISTERED[name] = factory
+        _LAZY_BUILTINS.pop(name, None)
+
+
+def available_builtins() -> list[str]:
+    from qdiff.models.tiny import TINY_BUILDERS
+
+    return sorted({*TINY_BUILDERS, *_LAZY_BUILTINS, *_REGISTERED})
+
+
+def _builtin_factory(name: str) -> Callable[[], object]:
+    from qdiff.models.tiny import TINY_BUILDERS
+
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name in _LAZY_BUILTINS:
+        module, _, attr = _LAZY_BUILTINS[name].partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise QdiffError(f"builtin:{name} is unavailable ({_one_line(exc)})") from exc
+    if name in TINY_BUILDERS:
+        return TINY_BUILDERS[name]
+    listed = ", ".join(BUILTIN_PREFIX + n for n in available_builtins())
+    raise QdiffError(f"unknown builtin model {BUILTIN_PREFIX + name!r}; available builtins: {listed}")
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+_DTYPE_NAMES = {
+    "float32": "float32", "fp32": "float32", "float": "float32",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+}  # fmt: skip
+
+
+def as_torch_dtype(dtype):
+    """``None``, a ``torch.dtype`` or a name such as ``"float16"`` / ``"bf16"`` -> ``torch.dtype | None``."""
+    if dtype is None:
+        return None
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = _DTYPE_NAMES.get(str(dtype).lower().removeprefix("torch."))
+    if name is None:
+        raise QdiffError(f"unknown dtype {dtype!r}; use one of: float32, float16, bfloat16")
+    return getattr(torch, name)
+
+
+def _dtype_kwargs(torch_dtype) -> dict:
+    """diffusers >= 0.36 takes ``dtype=`` (``torch_dtype=`` is deprecated); older versions take ``torch_dtype=``."""
+    if torch_dtype is None:
+        return {}
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return {"torch_dtype": torch_dtype}
+    return {"dtype": torch_dtype}
+
+
+def _from_pretrained(source: str, torch_dtype, cache_dir=None):
+    from diffusers import DiffusionPipeline
+
+    extra = _dtype_kwargs(torch_dtype)
+    if cache_dir is not None:
+        extra["cache_dir"] = str(cache_dir)
+    pipe = DiffusionPipeline.from_pretrained(source, local_files_only=True, use_safetensors=True, **extra)
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (
+        spec.startswith((".", "/", "~", "\\"))
+        or os.path.isabs(spec)
+        or spec.count("/") > 1
+        or (os.sep != "/" and os.sep in spec)
+    )
+
+
+def load_pipeline(spec: str, torch_dtype=None, *, cache_dir: str | Path | None = None):
+    """Load a pipeline from ``builtin:<name>``, a local folder, or a hub id already in the local cache.
+
+    ``torch_dtype`` (``torch.float16`` or a name: ``"float16"``, ``"bf16"``, ...) is applied to builtins and
+    diffusers folders; a qdiff export keeps the dtypes it was saved with. Nothing is ever downloaded and
+    nothing is unpickled. ``cache_dir`` overrides the Hugging Face hub cache folder for hub ids.
+    """
+    spec = str(spec).strip()
+    torch_dtype = as_torch_dtype(torch_dtype)
+    if not spec:
+        raise QdiffError("empty model spec: pass builtin:<name>, a local pipeline folder, or a cached hub id")
+
+    if spec.startswith(BUILTIN_PREFIX):
+        factory = _builtin_factory(spec[len(BUILTIN_PREFIX) :])
+        pipe = factory()
+        if torch_dtype is not None:
+            pipe = pipe.to(dtype=torch_dtype)
+        return pipe
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        if (path / EXPORT_MARKER).is_file():
+            from qdiff.export.load import load_export  # lazy: the export module pulls in the quantized layers
+
+            try:
+                return load_export(path)
+            except QdiffError:
+                raise
+            except Exception as exc:
+                raise QdiffError(f"could not load the qdiff export in '{spec}': {_one_line(exc)}") from exc
+        if not (path / "model_index.json").is_file():
+            raise QdiffError(
+                f"folder '{spec}' is neither a diffusers pipeline (no model_index.json) "
+                f"nor a qdiff export (no {EXPORT_MARKER})"
+            )
+        try:
+            return _from_pretrained(str(path), torch_dtype)
+        except QdiffError:
+            raise
+        except Exception as exc:
+            raise QdiffError(
+                f"could not load the diffusers pipeline in '{spec}' (safetensors only, offline): {_one_line(exc)}"
+            ) from exc
+
+    builtins = ", ".join(BUILTIN_PREFIX + n for n in available_builtins())
+    if path.exists():
+        raise QdiffError(
+            f"model '{spec}' is a file, not a pipeline folder; pass a diffusers folder or one of {builtins}"
+        )
+    if _looks_like_path(spec):
+        raise QdiffError(f"model folder '{spec}' does not exist; pass an existing folder or one of {builtins}")
+
+    if not _in_hf_cache(spec, cache_dir):
+        raise QdiffError(
+            f"model '{spec}' not found: not a local folder, not a builtin ({builtins}), and not in the local "
+            f"Hugging Face cache (downloads are disabled); download it with `huggingface-cli download {spec}` on a "
+            "machine with network and pass the folder"
+        )
+    try:
+        return _from_pretrained(spec, torch_dtype, cache_dir)
+    except Exception as exc:
+        raise QdiffError(
+            f"model '{spec}' is in the local Hugging Face cache but could not be loaded offline with safetensors "
+            f"weights ({_one_line(exc, 200)}); download the full snapshot with `huggingface-cli download {spec}` "
+            "and pass the folder"
+        ) from exc
+
+
+def _in_hf_cache(repo_id: str, cache_dir=None) -> bool:
+    """Whether the local Hugging Face cache holds a snapshot of ``repo_id`` with a ``model_index.json``."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(
+            repo_id, "model_index.json", cache_dir=None if cache_dir is None else str(cache_dir)
+        )
+    except Exception:  # invalid repo id, unreadable cache, ...
+        return False
+    return isinstance(found, str) and os.path.isfile(found)

@@ -1,0 +1,286 @@
+"""Seeded, random-weight, tiny text-to-image pipelines built entirely offline.
+
+They have the real architectures (a UNet2DConditionModel with cross-attention, an SDXL-style UNet with
+two text encoders and ``text_time`` micro-conditioning, a PixArt-alpha DiT with a T5 encoder) at toy
+widths, so that everything in qdiff (layer discovery, calibration, quantization, export) can be tested
+on CPU in well under a second per pipeline. The same seed always gives bit-identical weights.
+
+All configs are written here; nothing is read from the model hub.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+from collections.abc import Callable, Iterator, Mapping
+
+import torch
+
+from qdiff.errors import QdiffError
+from qdiff.models.tokenizer import build_clip_tokenizer
+
+# Whole-word tokens for the tiny tokenizers, so that ordinary prompts give short, realistic token
+# sequences (other words fall back to letters).
+TINY_WORDS: tuple[str, ...] = (
+    "a", "an", "the", "of", "in", "on", "with", "and", "at", "by", "photo", "picture", "painting", "drawing",
+    "portrait", "cat", "dog", "bird", "horse", "car", "house", "tree", "flower", "mountain", "river", "city",
+    "street", "forest", "beach", "sky", "sunset", "red", "blue", "green", "yellow", "white", "black", "small",
+    "large", "old", "young", "man", "woman", "child", "astronaut", "riding", "sitting", "standing", "high",
+    "quality", "detailed", "realistic", "style", "art", "light", "night", "day", "water", "snow",
+)  # fmt: skip
+
+# Timestep / noise schedule of Stable Diffusion (and SDXL) and of PixArt-alpha.
+_SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+_PIXART_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear"}
+
+SCHEDULERS: tuple[str, ...] = ("lcm", "euler", "euler_a", "ddim")
+
+
+def make_scheduler(name: str, betas: Mapping | None = None):
+    """A few-step scheduler by short name: ``lcm``, ``euler`` (trailing), ``euler_a`` (trailing), ``ddim``."""
+    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler
+
+    betas = dict(_SD_BETAS if betas is None else betas)
+    common = {**betas, "prediction_type": "epsilon"}
+    if name == "lcm":
+        return LCMScheduler(
+            **common, original_inference_steps=50, clip_sample=False, set_alpha_to_one=True,
+            timestep_spacing="leading", steps_offset=1, timestep_scaling=10.0,
+        )  # fmt: skip
+    if name == "euler":
+        return EulerDiscreteScheduler(
+            **common, timestep_spacing="trailing", steps_offset=1, interpolation_type="linear"
+        )
+    if name == "euler_a":
+        return EulerAncestralDiscreteScheduler(**common, timestep_spacing="trailing", steps_offset=1)
+    if name == "ddim":
+        return DDIMScheduler(
+            **common, timestep_spacing="trailing", steps_offset=1, clip_sample=False, set_alpha_to_one=False
+        )
+    raise QdiffError(f"unknown tiny scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed torch's CPU generator for module initialisation without disturbing the caller's RNG state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
+
+
+def _finish(module: torch.nn.Module) -> torch.nn.Module:
+    return module.eval()
+
+
+def _clip_text_encoder(tokenizer, seed: int, hidden: int = 32, projection_dim: int | None = None):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=projection_dim or hidden,
+        hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    cls = CLIPTextModelWithProjection if projection_dim is not None else CLIPTextModel
+    with _seeded(seed):
+        return _finish(cls(config))
+
+
+def _vae(seed: int, block_out_channels: tuple[int, ...] = (32, 64), norm_num_groups: int = 8, scaling=0.18215):
+    """A tiny AutoencoderKL; each GroupNorm sees ``channels / norm_num_groups >= 4`` channels."""
+    from diffusers import AutoencoderKL
+
+    n = len(block_out_channels)
+    with _seeded(seed):
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * n,
+            up_block_types=("UpDecoderBlock2D",) * n,
+            block_out_channels=block_out_channels,
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=norm_num_groups,
+            sample_size=64,
+            scaling_factor=scaling,
+        )
+    return _finish(vae)
+
+
+def tiny_sd_pipeline(seed: int = 0, scheduler: str = "lcm"):
+    """A Stable-Diffusion-1.x-shaped pipeline (UNet with conv proj_in/proj_out, one CLIP text encoder).
+
+    The VAE downsamples by 2, so a 64x64 image has 32x32 latents; the UNet's ``sample_size`` is 32, so
+    64x64 is also the default resolution.
+    """
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    sched = make_scheduler(scheduler)
+    tokenizer = build_clip_tokenizer(TINY_WORDS)
+    text_encoder = _clip_text_encoder(tokenizer, seed + 1)
+    with _seeded(seed):
+        unet = UNet2DConditionModel(
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            norm_num_groups=8,
+            cross_attention_dim=32,
+            attention_head_dim=8,
+            use_linear_projection=False,
+        )
+    vae = _vae(seed + 2)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=_finish(unet),
+        scheduler=sched,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "euler"):
+    """An SDXL-shaped pipeline: two CLIP encoders (hidden 32 each, concatenated to 64), linear
+    proj_in/proj_out, ``text_time`` added conditioning, trailing Euler. Runs with ``guidance_scale=0``.
+    """
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+    sched = make_scheduler(scheduler)
+    tokenizer = build_clip_tokenizer(TINY_WORDS)
+    tokenizer_2 = build_clip_tokenizer(TINY_WORDS)
+    text_encoder = _clip_text_encoder(tokenizer, seed + 1)
+    projection_dim = 32
+    text_encoder_2 = _clip_text_encoder(tokenizer_2, seed + 3, projection_dim=projection_dim)
+    time_dim = 8
+    with _seeded(seed):
+        unet = UNet2DConditionModel(
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(32, 64),
+            layers_per_block=1,
+            transformer_layers_per_block=(1, 2),
+            norm_num_groups=8,
+            cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+            attention_head_dim=(4, 8),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=time_dim,
+            # 6 micro-conditions (original size, crop top-left, target size) + the pooled text embedding.
+            projection_class_embeddings_input_dim=6 * time_dim + projection_dim,
+        )
+    vae = _vae(seed + 2, scaling=0.13025)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=_finish(unet),
+        scheduler=sched,
+        force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_t5_tokenizer(extra_words=TINY_WORDS, model_max_length: int = 120):
+    """A small Unigram ``T5Tokenizer`` built in memory: ``<pad>``=0, ``</s>``=1, ``<unk>``=2, then
+    printable ASCII pieces (with and without the ``▁`` word-start marker) and whole words."""
+    from transformers import T5Tokenizer
+
+    pieces: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    seen = {p for p, _ in pieces}
+    for word in extra_words:
+        piece = "\u2581" + word.lower()
+        if piece not in seen:
+            seen.add(piece)
+            pieces.append((piece, -2.0))
+    for code in range(ord("!"), ord("~") + 1):
+        for piece in (chr(code), "\u2581" + chr(code)):
+            if piece not in seen:
+                seen.add(piece)
+                pieces.append((piece, -8.0))
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tokenizer.model_max_length = int(model_max_length)
+    return tokenizer
+
+
+def tiny_pixart_pipeline(seed: int = 0, scheduler: str = "lcm"):
+    """A PixArt-alpha-shaped pipeline (PixArtTransformer2DModel + a 2-layer T5 encoder).
+
+    PixArtAlphaPipeline bins resolutions by default (``use_resolution_binning=True``) and only accepts a
+    transformer ``sample_size`` of 32, 64 or 128; with 32 a 64x64 request is computed at 256x256 (the
+    256 aspect-ratio bin) and resized back to 64x64. The VAE therefore downsamples by 8, like the real
+    one, giving 32x32 latents and 256 image tokens (patch size 2).
+    """
+    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    sched = make_scheduler(scheduler, _PIXART_BETAS)
+    tokenizer = build_t5_tokenizer()
+    t5_config = T5Config(
+        vocab_size=len(tokenizer),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=32,
+        dropout_rate=0.0,
+        feed_forward_proj="gated-gelu",
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        decoder_start_token_id=tokenizer.pad_token_id,
+    )
+    with _seeded(seed + 1):
+        text_encoder = _finish(T5EncoderModel(t5_config))
+    with _seeded(seed):
+        transformer = PixArtTransformer2DModel(
+            num_attention_heads=2,
+            attention_head_dim=16,
+            in_channels=4,
+            out_channels=8,
+            num_layers=2,
+            cross_attention_dim=32,
+            sample_size=32,
+            patch_size=2,
+            caption_channels=t5_config.d_model,
+            norm_num_groups=8,
+        )
+    vae = _vae(seed + 2, block_out_channels=(8, 8, 16, 16), norm_num_groups=2)
+    pipe = PixArtAlphaPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=_finish(transformer), scheduler=sched
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+TINY_BUILDERS: Mapping[str, Callable[..., object]] = types.MappingProxyType(
+    {
+        "tiny-sd": tiny_sd_pipeline,
+        "tiny-sdxl": tiny_sdxl_pipeline,
+        "tiny-pixart": tiny_pixart_pipeline,
+    }
+)

@@ -1,0 +1,42 @@
+"""Shared fixtures: offline environment, a ``device`` fixture that always includes CPU, tiny pipelines."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may download
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# The tiny test models are overhead-bound: one thread is as fast as two and cannot oversubscribe the
+# 2-core CI machine (measured here: a 15 s module took 106 s with 2 threads beside another process).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+def _devices() -> list[str]:
+    devices = ["cpu"]
+    if os.environ.get("QDIFF_TEST_CUDA") == "1" and torch.cuda.is_available():
+        devices.append("cuda")
+    return devices
+
+
+@pytest.fixture(params=_devices())
+def device(request) -> torch.device:
+    """CPU always; CUDA too when QDIFF_TEST_CUDA=1 and a GPU is present."""
+    return torch.device(request.param)
+
+
+@pytest.fixture
+def gen():
+    """A fresh seeded CPU generator per test."""
+    return torch.Generator("cpu").manual_seed(1234)
+
+
+def generate(pipe, prompt="a red circle on the left", seed=0, steps=2, **kwargs) -> torch.Tensor:
+    """Images (B, 3, H, W) in [0, 1] from a seeded run."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    kwargs.setdefault("guidance_scale", 1.0)
+    return pipe(prompt, num_inference_steps=steps, generator=generator, output_type="pt", **kwargs).images
