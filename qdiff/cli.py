@@ -7,6 +7,7 @@ code 1; an unexpected failure prints one line too (set ``QDIFF_DEBUG=1`` for the
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -61,6 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_writable(out: Path) -> None:
+    """Fail before any heavy work when the output's nearest existing parent is not a writable folder."""
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise QdiffError(f"cannot write {out}: {parent} is not a writable folder")
+
+
 def cmd_quantize(args) -> int:
     import qdiff
     from qdiff.calib.plan import Plan
@@ -74,6 +84,7 @@ def cmd_quantize(args) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise QdiffError(f"output folder {out} already exists (use --overwrite to replace it)")
+    _check_writable(out)
     spec = args.model or recipe.model
     if not spec:
         raise QdiffError("recipe: model: missing; pass --model PATH_OR_ID or set `model:` in the recipe")
@@ -139,9 +150,13 @@ COMMANDS = {"quantize": cmd_quantize, "generate": cmd_generate, "inspect": cmd_i
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # qdiff never downloads; fail fast instead of retrying
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional-kernel notices on import
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # e.g. `qdiff inspect DIR | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except QdiffError as exc:
         print(f"qdiff: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

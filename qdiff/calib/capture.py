@@ -51,6 +51,11 @@ def run_sampler(
 ) -> None:
     """Run the sampler over ``prompts`` in batches (latents only: the VAE decode is skipped)."""
     batches = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
-    for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
-        generator = torch.Generator("cpu").manual_seed(sampler.seed + i)
-        pipe(batch, generator=generator, output_type="latent", **sampler_kwargs(sampler))
+    saved = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)  # one bar over batches instead of one per call
+    try:
+        for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
+            generator = torch.Generator("cpu").manual_seed(sampler.seed + i)
+            pipe(batch, generator=generator, output_type="latent", **sampler_kwargs(sampler))
+    finally:
+        pipe._progress_bar_config = saved

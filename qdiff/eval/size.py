@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from qdiff.export.manifest import read_manifest
+from qdiff.export.manifest import read_manifest, verify_files
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 
@@ -46,6 +46,7 @@ def _itemsize(dtype: str) -> int:
 def export_report(folder: Path, limit: int | None = 40) -> str:
     """A text table of an export: per quantized layer bits and stored bytes vs float bytes, then totals."""
     manifest = read_manifest(folder)
+    verify_files(folder, manifest)
     dtype_bytes = _DTYPE_BYTES.get(manifest.get("torch_dtype", "float32"), 4)
     tensor_bytes = _tensor_bytes(folder, manifest["denoiser"]["weights"])
     rows, q_layer_total, fp_layer_total = [], 0, 0
@@ -69,7 +70,8 @@ def export_report(folder: Path, limit: int | None = 40) -> str:
         f"export     {folder}  (format v{manifest['format_version']}, qdiff {manifest.get('qdiff_version')})",
         f"base model {manifest.get('base_model')}   pipeline {manifest.get('pipeline_class')}   "
         f"denoiser {manifest['denoiser']['class']} ({manifest['denoiser']['family']})",
-        f"recipe     {(manifest.get('recipe') or {}).get('name')}   plan {'yes' if manifest.get('plan') else 'no'}",
+        f"recipe     {(manifest.get('recipe') or {}).get('name')}   plan {'yes' if manifest.get('plan') else 'no'}"
+        f"   files {len(manifest['files'])} (sha256 verified)",
         "",
         f"{'layer':<{width}}  {'bits':<6} {'weights':<12} {'acts':<8} {'bytes':>10} {'fp bytes':>10} {'ratio':>6}",
     ]

@@ -13,52 +13,38 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 
 from qdiff.errors import QdiffError
 
 BUILTIN_PREFIX = "builtin:"
 EXPORT_MARKER = "qdiff.json"
 
-# Builtins that live in other modules, imported only when asked for: name -> "module:callable".
-# The callable takes no arguments and returns a pipeline, e.g. "shapes": "qdiff.models.shapes:shapes_pipeline".
-_LAZY_BUILTINS: dict[str, str] = {}
-# Builtins registered at run time with register_builtin().
-_REGISTERED: dict[str, Callable[[], object]] = {}
-
-
-def register_builtin(name: str, factory: Callable[[], object] | str) -> None:
-    """Make ``builtin:<name>`` available. ``factory`` is a no-argument callable or ``"module:callable"``."""
-    if isinstance(factory, str):
-        _LAZY_BUILTINS[name] = factory
-        _REGISTERED.pop(name, None)
-    else:
-        _REGISTERED[name] = factory
-        _LAZY_BUILTINS.pop(name, None)
+# builtin:<name> -> "module:callable" (a no-argument factory returning a pipeline), imported only when asked for.
+BUILTINS: Mapping[str, str] = MappingProxyType(
+    {
+        "tiny-sd": "qdiff.models.tiny:tiny_sd_pipeline",
+        "tiny-sdxl": "qdiff.models.tiny:tiny_sdxl_pipeline",
+        "tiny-pixart": "qdiff.models.tiny:tiny_pixart_pipeline",
+    }
+)
 
 
 def available_builtins() -> list[str]:
-    from qdiff.models.tiny import TINY_BUILDERS
-
-    return sorted({*TINY_BUILDERS, *_LAZY_BUILTINS, *_REGISTERED})
+    return sorted(BUILTINS)
 
 
 def _builtin_factory(name: str) -> Callable[[], object]:
-    from qdiff.models.tiny import TINY_BUILDERS
-
-    if name in _REGISTERED:
-        return _REGISTERED[name]
-    if name in _LAZY_BUILTINS:
-        module, _, attr = _LAZY_BUILTINS[name].partition(":")
-        try:
-            return getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError) as exc:
-            raise QdiffError(f"builtin:{name} is unavailable ({_one_line(exc)})") from exc
-    if name in TINY_BUILDERS:
-        return TINY_BUILDERS[name]
-    listed = ", ".join(BUILTIN_PREFIX + n for n in available_builtins())
-    raise QdiffError(f"unknown builtin model {BUILTIN_PREFIX + name!r}; available builtins: {listed}")
+    if name not in BUILTINS:
+        listed = ", ".join(BUILTIN_PREFIX + n for n in available_builtins())
+        raise QdiffError(f"unknown builtin model {BUILTIN_PREFIX + name!r}; available builtins: {listed}")
+    module, _, attr = BUILTINS[name].partition(":")
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as exc:
+        raise QdiffError(f"builtin:{name} is unavailable ({_one_line(exc)})") from exc
 
 
 def _one_line(exc: BaseException, limit: int = 300) -> str:
@@ -136,6 +122,7 @@ def load_pipeline(spec: str, torch_dtype=None, *, cache_dir: str | Path | None =
         pipe = factory()
         if torch_dtype is not None:
             pipe = pipe.to(dtype=torch_dtype)
+        pipe.register_to_config(_name_or_path=spec)  # recorded as base_model in exports
         return pipe
 
     path = Path(spec).expanduser()
