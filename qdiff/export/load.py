@@ -61,7 +61,11 @@ def load_denoiser(folder: Path, manifest: dict) -> torch.nn.Module:
         raise QdiffError(f"{weights_path}: {what} {key!r} ({len(missing)} missing, {len(unexpected)} unexpected)")
     for key, ref in expected.items():
         got = tensors[key]
-        if tuple(got.shape) != tuple(ref.shape) or got.dtype != ref.dtype:
+        # Float parameters keep the dtype they were saved in (the meta model is built in float32);
+        # packed weights, zero-points and the fp32 quantization scales must match exactly.
+        exact = not ref.is_floating_point() or key.rsplit(".", 1)[-1] in ("w_scale", "a_scale")
+        same_kind = got.dtype == ref.dtype or (not exact and got.is_floating_point())
+        if tuple(got.shape) != tuple(ref.shape) or not same_kind:
             raise QdiffError(
                 f"{weights_path}: tensor {key!r} has shape {tuple(got.shape)} {got.dtype}, "
                 f"expected {tuple(ref.shape)} {ref.dtype}"
@@ -87,10 +91,13 @@ def load_export(path: str | Path, device: str | torch.device | None = None):
     set_info(den, QuantInfo(recipe=recipe, plan=plan, base_model=manifest.get("base_model")))
     from diffusers import DiffusionPipeline
 
+    from qdiff.models.resolve import as_torch_dtype, dtype_kwargs
+
     attr = manifest["denoiser"]["attr"]
+    dtype = dtype_kwargs(as_torch_dtype(manifest.get("torch_dtype", "float32")))
     try:
         pipe = DiffusionPipeline.from_pretrained(
-            str(folder), **{attr: den}, local_files_only=True, use_safetensors=True
+            str(folder), **{attr: den}, local_files_only=True, use_safetensors=True, **dtype
         )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

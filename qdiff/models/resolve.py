@@ -73,7 +73,7 @@ def as_torch_dtype(dtype):
     return getattr(torch, name)
 
 
-def _dtype_kwargs(torch_dtype) -> dict:
+def dtype_kwargs(torch_dtype) -> dict:
     """diffusers >= 0.36 takes ``dtype=`` (``torch_dtype=`` is deprecated); older versions take ``torch_dtype=``."""
     if torch_dtype is None:
         return {}
@@ -87,7 +87,7 @@ def _dtype_kwargs(torch_dtype) -> dict:
 def _from_pretrained(source: str, torch_dtype, cache_dir=None):
     from diffusers import DiffusionPipeline
 
-    extra = _dtype_kwargs(torch_dtype)
+    extra = dtype_kwargs(torch_dtype)
     if cache_dir is not None:
         extra["cache_dir"] = str(cache_dir)
     pipe = DiffusionPipeline.from_pretrained(source, local_files_only=True, use_safetensors=True, **extra)

@@ -163,3 +163,15 @@ def test_save_refuses_existing_folder_and_float_pipeline(tmp_path):
     assert (tmp_path / "out" / "qdiff.json").is_file()
     with pytest.raises(QdiffError, match="not quantized"):
         qdiff.save(tiny_sd_pipeline(seed=1), tmp_path / "float")
+
+
+def test_half_precision_round_trip(tmp_path):
+    """A bf16 pipeline exports and reloads with its dtypes, and draws the same images."""
+    pipe = tiny_sd_pipeline(seed=2).to(dtype=torch.bfloat16)
+    qdiff.quantize(pipe, "w4a8", progress=False)
+    images = generate(pipe, seed=5)
+    out = qdiff.save(pipe, tmp_path / "bf16")
+    assert json.loads((out / "qdiff.json").read_text())["torch_dtype"] == "bfloat16"
+    loaded = qdiff.load(out)
+    assert loaded.unet.dtype == torch.bfloat16 and loaded.vae.dtype == torch.bfloat16
+    assert torch.equal(generate(loaded, seed=5), images)
