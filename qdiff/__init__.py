@@ -15,20 +15,25 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Recipe", "Plan", "QdiffError", "quantize", "save", "load", "load_pipeline", "__version__"]
+__all__ = [
+    "Recipe", "Plan", "QdiffError", "calibrate", "quantize", "save", "load", "load_pipeline", "fit_schedule",
+    "__version__",
+]  # fmt: skip
 
 _LAZY = {
     "Recipe": ("qdiff.recipe", "Recipe"),
     "Plan": ("qdiff.calib.plan", "Plan"),
     "QdiffError": ("qdiff.errors", "QdiffError"),
+    "calibrate": ("qdiff.api", "calibrate"),
     "quantize": ("qdiff.api", "quantize"),
     "save": ("qdiff.api", "save"),
     "load": ("qdiff.api", "load"),
+    "fit_schedule": ("qdiff.api", "fit_schedule"),
     "load_pipeline": ("qdiff.models.resolve", "load_pipeline"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from qdiff.api import load, quantize, save
+    from qdiff.api import calibrate, fit_schedule, load, quantize, save
     from qdiff.calib.plan import Plan
     from qdiff.errors import QdiffError
     from qdiff.models.resolve import load_pipeline

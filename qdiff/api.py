@@ -9,6 +9,7 @@ from tqdm.auto import tqdm
 from qdiff.calib.capture import observing, run_sampler
 from qdiff.calib.plan import Plan
 from qdiff.calib.prompts import load_prompts
+from qdiff.calib.stats import CapturedStats
 from qdiff.errors import QdiffError
 from qdiff.models.adapters import find_denoiser, get_adapter
 from qdiff.quant.observers import make_observer
@@ -32,13 +33,15 @@ def quantize(
     plan: Plan | str | Path | None = None,
     prompts: list[str] | None = None,
     progress: bool = True,
+    ranges: CapturedStats | None = None,
 ):
     """Quantize ``pipe``'s denoiser in place and return the same pipeline object.
 
     ``recipe`` is a :class:`Recipe`, a bundled recipe name (``"w8a8"``, ``"w4a8"``) or a YAML path;
     passing a :class:`Plan` instead (or ``plan=``) sets per-layer bits, the recipe supplying the rest.
     Static activation ranges (``activations.mode: static``) are calibrated by running the recipe's
-    sampler over ``prompts`` (default: the recipe's calibration prompt set).
+    sampler over ``prompts`` (default: the recipe's calibration prompt set), or taken from ``ranges``
+    (statistics captured by :func:`calibrate`). ``recipe.bos_aware`` makes cross-attention K/V BOS-aware.
     """
     if isinstance(recipe, Plan):
         recipe, plan = None, recipe
@@ -52,16 +55,47 @@ def quantize(
     specs = layer_specs(adapter.layers(den), recipe, plan)
     if not specs:
         raise QdiffError("nothing to quantize: the recipe/plan selects no layer of this model")
-    layers = apply_specs(den, specs)
+    probe = _probe_bos(pipe, den, adapter, specs, recipe, prompts) if recipe.bos_aware else None
+    layers = apply_specs(den, specs, {n: probe.mode for n in probe.embeddings} if probe else None)
+    for name, emb in (probe.embeddings if probe else {}).items():
+        layers[name].set_bos(probe.mode, emb)
     static = {name: m for name, m in layers.items() if m.qcfg.static_act}
-    if static:
+    if static and ranges is not None:
+        _static_from_ranges(static, recipe, ranges)
+    elif static:
         _calibrate_static(pipe, static, recipe, prompts, progress)
     for m in tqdm(layers.values(), desc="packing weights", disable=not progress, leave=False):
         m.kernel = recipe.kernel
         m.freeze()
     base = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
     set_info(den, QuantInfo(recipe=recipe, plan=plan, base_model=base or None))
+    if recipe.qsched.enabled:  # Q-Sched on the quantized model; prints whether the held-out prompts kept it
+        print(fit_schedule(pipe, recipe, progress=progress).message)
     return pipe
+
+
+def _probe_bos(pipe, den, adapter, specs, recipe: Recipe, prompts: list[str] | None):
+    """Check whether token 0 of the cross-attention K/V input is prompt-independent (see ``qdiff.quant.bos``)."""
+    from qdiff.quant.bos import kv_layers, probe_bos, probe_prompts
+
+    kv = kv_layers(den, adapter, list(specs))
+    if not kv:
+        return None
+    prompts = prompts or load_prompts(recipe.calibration.prompts, recipe.calibration.num_prompts)
+    return probe_bos(pipe, kv, probe_prompts(prompts), recipe.sampler)
+
+
+def _static_from_ranges(layers: dict, recipe: Recipe, ranges: CapturedStats) -> None:
+    """Static activation (scale, zero-point) from captured statistics with the recipe's observer."""
+    act = recipe.activations
+    for name, layer in layers.items():
+        stats = ranges.layers.get(name)
+        if stats is None or stats.num_updates == 0:
+            raise QdiffError(f"captured ranges have no statistics for layer {name!r}; run qdiff calibrate again")
+        bos = name in set(ranges.meta.get("bos_layers", ()))
+        if bos != hasattr(layer, "bos_mode"):
+            raise QdiffError(f"captured ranges for {name!r} were taken with bos_aware={bos}; the recipe differs")
+        layer.set_act_qparams(*stats.qparams(act.observer, layer.qcfg.a_bits, False, act.percentile))
 
 
 def _calibrate_static(pipe, layers: dict, recipe: Recipe, prompts: list[str] | None, progress: bool) -> None:
@@ -80,6 +114,22 @@ def _calibrate_static(pipe, layers: dict, recipe: Recipe, prompts: list[str] | N
         layer.set_act_qparams(*obs.qparams(layer.qcfg.a_bits, symmetric=False))
 
 
+def calibrate(
+    pipe, recipe: Recipe | str | Path | None = None, *, work_dir: str | Path | None = None, progress: bool = True
+):
+    """MixDQ-style calibration of a float ``pipe``: capture ranges, per-layer sensitivity, ILP bit allocation.
+
+    Returns a :class:`qdiff.calib.run.CalibrationResult` (``.plan`` feeds :func:`quantize`, ``.stats`` its
+    ``ranges=``; ``.save(folder)`` writes everything). ``work_dir`` makes the run resumable.
+    """
+    from qdiff.calib.run import calibrate as run_calibration
+
+    _, den = find_denoiser(pipe)
+    if get_info(den) is not None or quantized_layers(den):
+        raise QdiffError("calibrate needs the float pipeline; this one is already quantized")
+    return run_calibration(pipe, as_recipe(recipe), work_dir=work_dir, progress=progress)
+
+
 def save(pipe, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Export a quantized pipeline to ``out_dir`` (atomic: written to a temp folder, then renamed)."""
     from qdiff.export.save import save_quantized
@@ -92,3 +142,28 @@ def load(path: str | Path, device: str | None = None):
     from qdiff.export.load import load_export
 
     return load_export(path, device=device)
+
+
+def fit_schedule(
+    pipe,
+    recipe: Recipe | str | Path | None = None,
+    *,
+    prompts: list[str] | str | Path | None = None,
+    alignment=None,
+    quality=None,
+    log: str | Path | None = None,
+    progress: bool = True,
+):
+    """Fit Q-Sched coefficients (``recipe.qsched``) on the quantized ``pipe`` with the reference-free JAQ loss.
+
+    Installs the fitted schedule on ``pipe.scheduler`` when the held-out prompts confirm a gain (else leaves
+    the plain scheduler) and returns a :class:`qdiff.sched.fit.FitResult`. ``alignment``/``quality`` override
+    the recipe's scorers with a spec string or a scorer object; ``log`` is a JSONL file that makes the fit
+    resumable. The full-precision model is never run.
+    """
+    from qdiff.sched.run import fit_pipeline
+
+    recipe = as_recipe(recipe)
+    if get_info(find_denoiser(pipe)[1]) is None:
+        raise QdiffError("fit_schedule needs a quantized pipeline: quantize it (qdiff.quantize) or load an export")
+    return fit_pipeline(pipe, recipe, prompts, alignment=alignment, quality=quality, log=log, progress=progress)

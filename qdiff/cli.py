@@ -22,8 +22,9 @@ EXIT_INTERNAL = 3
 def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a pipeline with a recipe (or a plan) and export it")
     p.add_argument("--model", help="local diffusers folder, hub id in the local cache, or builtin:NAME")
-    p.add_argument("--recipe", default="w8a8", help="bundled recipe name or YAML path (default: w8a8)")
+    p.add_argument("--recipe", help="bundled recipe name or YAML path (default: w8a8, or CALIB_DIR/recipe.yaml)")
     p.add_argument("--plan", help="per-layer plan JSON (from qdiff calibrate); the recipe supplies the rest")
+    p.add_argument("--calib", help="folder written by qdiff calibrate: its plan, ranges and (default) recipe")
     p.add_argument("--out", required=True, help="export folder to create")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="load the model in")
@@ -50,15 +51,45 @@ def _add_inspect(sub) -> None:
     p.add_argument("--all", action="store_true", help="list every layer (default: the first 40)")
 
 
+def _add_fit_schedule(sub) -> None:
+    p = sub.add_parser("fit-schedule", help="fit Q-Sched scheduler coefficients on a quantized export (JAQ loss)")
+    p.add_argument("folder", help="quantized export folder (from qdiff quantize)")
+    p.add_argument("--prompts", help="prompt set name or .txt file (default: the recipe's qsched/calibration prompts)")
+    p.add_argument("--recipe", help="recipe whose qsched: and sampler: sections are used (default: the export's)")
+    p.add_argument("--out", help="export folder to write (default: update FOLDER in place, atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--alignment", help="alignment scorer spec, overrides the recipe (e.g. open_clip:ViT-B-32:PATH)")
+    p.add_argument("--quality", help="quality scorer spec, overrides the recipe (e.g. pyiqa:piqe)")
+    p.add_argument("--log", help="JSONL evaluation log; rerunning with it resumes (default: OUT.qsched-log.jsonl)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_calibrate(sub) -> None:
+    p = sub.add_parser("calibrate", help="MixDQ calibration: ranges, per-layer sensitivity, ILP bit allocation")
+    p.add_argument("--model", help="local diffusers folder, hub id in the local cache, or builtin:NAME")
+    p.add_argument("--recipe", required=True, help="bundled recipe name (e.g. mixdq-w4a8) or YAML path")
+    p.add_argument("--out", required=True, help="folder to create: ranges, sensitivity table/plot, plan.json, log")
+    p.add_argument("--mode", choices=("fast", "full"), help="override sensitivity.mode of the recipe")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="load the model in")
+    p.add_argument("--device", default="cpu", help="device to run on (default: cpu)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from qdiff import __version__
 
     parser = argparse.ArgumentParser(prog="qdiff", description="Post-training quantization for few-step diffusion.")
     parser.add_argument("--version", action="version", version=f"qdiff {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_calibrate(sub)
     _add_quantize(sub)
     _add_generate(sub)
     _add_inspect(sub)
+    _add_fit_schedule(sub)
+    from qdiff.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
     return parser
 
 
@@ -79,8 +110,19 @@ def cmd_quantize(args) -> int:
     from qdiff.models.resolve import load_pipeline
     from qdiff.quant.transform import quantized_layers
 
-    recipe = qdiff.Recipe.load(args.recipe)  # validate inputs before any heavy work
-    plan = Plan.load(args.plan) if args.plan else None
+    calib = Path(args.calib) if args.calib else None
+    if calib is not None and args.plan:
+        raise QdiffError("--plan and --calib are exclusive (--calib uses CALIB_DIR/plan.json)")
+    if calib is not None and not (calib / "plan.json").is_file():
+        raise QdiffError(f"--calib {calib}: no plan.json (not a finished qdiff calibrate folder)")
+    default_recipe = calib / "recipe.yaml" if calib is not None and (calib / "recipe.yaml").is_file() else "w8a8"
+    recipe = qdiff.Recipe.load(args.recipe or default_recipe)  # validate inputs before any heavy work
+    plan = Plan.load(args.plan or calib / "plan.json") if (args.plan or calib) else None
+    ranges = None
+    if calib is not None and (calib / "ranges.json").is_file():
+        from qdiff.calib.stats import CapturedStats
+
+        ranges = CapturedStats.load(calib)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise QdiffError(f"output folder {out} already exists (use --overwrite to replace it)")
@@ -93,7 +135,7 @@ def cmd_quantize(args) -> int:
     pipe.to(args.device)
     _, den = find_denoiser(pipe)
     fp_bytes = module_nbytes(den)
-    qdiff.quantize(pipe, recipe, plan=plan, progress=not args.no_progress)
+    qdiff.quantize(pipe, recipe, plan=plan, progress=not args.no_progress, ranges=ranges)
     q_bytes = module_nbytes(den)
     layers = quantized_layers(den)
     qdiff.save(pipe, out, overwrite=args.overwrite)
@@ -105,6 +147,34 @@ def cmd_quantize(args) -> int:
     print(f"layers     {len(layers)} quantized ({', '.join(f'{n}x {t}' for t, n in sorted(tags.items()))})")
     print(f"denoiser   {fp_bytes / 2**20:.2f} MiB -> {q_bytes / 2**20:.2f} MiB ({q_bytes / fp_bytes:.3f}x, measured)")
     print(f"export     {out}  ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    import dataclasses
+
+    import qdiff
+    from qdiff.calib.run import calibrate_to_folder
+    from qdiff.models.resolve import load_pipeline
+
+    recipe = qdiff.Recipe.load(args.recipe)
+    if args.mode:
+        recipe = recipe.replace(sensitivity=dataclasses.replace(recipe.sensitivity, mode=args.mode))
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise QdiffError(f"output folder {out} already exists (use --overwrite to replace it)")
+    _check_writable(out)
+    spec = args.model or recipe.model
+    if not spec:
+        raise QdiffError("recipe: model: missing; pass --model PATH_OR_ID or set `model:` in the recipe")
+    pipe = load_pipeline(spec, torch_dtype=args.dtype)
+    pipe.to(args.device)
+    result = calibrate_to_folder(pipe, recipe, out, overwrite=args.overwrite, progress=not args.no_progress)
+    meta = result.plan.meta
+    print(
+        f"calibration {out}: {len(result.plan.layers)} layers, W {meta['achieved_w_bits']:.3f} bits, "
+        f"A {meta['achieved_a_bits']:.3f} bits (plan.json, sensitivity.json/.csv/.png, ranges, calibrate.log)"
+    )
     return 0
 
 
@@ -122,7 +192,7 @@ def cmd_generate(args) -> int:
     info = get_info(find_denoiser(pipe)[1])
     sampler = info.recipe.sampler if info is not None else None
     kwargs = {
-        "num_inference_steps": args.steps or (sampler.steps if sampler else 4),
+        "num_inference_steps": args.steps or _schedule_steps(pipe) or (sampler.steps if sampler else 4),
         "guidance_scale": args.guidance if args.guidance is not None else (sampler.guidance_scale if sampler else 1.0),
     }
     height = args.height or (sampler.height if sampler else None)
@@ -138,6 +208,14 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _schedule_steps(pipe) -> int | None:
+    """The step count of an installed Q-Sched schedule (it only runs with that many steps)."""
+    from qdiff.sched.qsched import get_schedule
+
+    schedule = get_schedule(pipe)
+    return None if schedule is None else schedule.steps
+
+
 def cmd_inspect(args) -> int:
     from qdiff.eval.size import export_report
 
@@ -145,7 +223,43 @@ def cmd_inspect(args) -> int:
     return 0
 
 
-COMMANDS = {"quantize": cmd_quantize, "generate": cmd_generate, "inspect": cmd_inspect}
+def cmd_fit_schedule(args) -> int:
+    import qdiff
+    from qdiff.export.load import load_export
+    from qdiff.models.adapters import find_denoiser
+    from qdiff.quant.transform import get_info
+
+    folder = Path(args.folder)
+    out = Path(args.out) if args.out else folder
+    if args.out and out.exists() and not args.overwrite:
+        raise QdiffError(f"output folder {out} already exists (use --overwrite to replace it)")
+    recipe = qdiff.Recipe.load(args.recipe) if args.recipe else None  # validate before any heavy work
+    _check_writable(out)
+    pipe = load_export(folder)
+    recipe = recipe or get_info(find_denoiser(pipe)[1]).recipe
+    log = Path(args.log) if args.log else Path(f"{out}.qsched-log.jsonl")
+    result = qdiff.fit_schedule(pipe, recipe, prompts=args.prompts, alignment=args.alignment, quality=args.quality,
+                                log=log, progress=not args.no_progress)  # fmt: skip
+    print(result.message)
+    print(f"c_eps      {', '.join(f'{v:.4f}' for v in result.schedule.c_eps)}")
+    print(f"c_x        {', '.join(f'{v:.4f}' for v in result.schedule.c_x)}")
+    print(f"log        {log}  ({result.new_generations} new of {result.generations} generations)")
+    if not result.accepted and not args.out:
+        print(f"export     {folder} unchanged")
+        return 0
+    qdiff.save(pipe, out, overwrite=True if not args.out else args.overwrite)
+    print(f"export     {out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from qdiff.bench.cli import run_bench
+
+    return run_bench(args)
+
+
+COMMANDS = {"calibrate": cmd_calibrate, "quantize": cmd_quantize, "generate": cmd_generate, "inspect": cmd_inspect,
+            "fit-schedule": cmd_fit_schedule, "bench": cmd_bench}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -137,6 +137,127 @@ class CalibrationConfig:
         _positive(f"{path}.batch_size", self.batch_size)
 
 
+SENSITIVITY_MODES = ("fast", "full")
+FAST_PROXIES = ("local", "denoiser", "gain")
+METRICS = ("ssim", "sqnr")
+
+
+@dataclass(frozen=True)
+class SensitivityConfig:
+    """Per-layer sensitivity analysis (MixDQ's metric-decoupled sweep), see ``qdiff.calib.sensitivity``.
+
+    ``full``: one full pipeline run per layer x bit-width x tensor kind (MixDQ). ``fast``: cached inputs
+    scored by a proxy: ``local`` output SQNR of the layer, ``denoiser`` output SQNR on cached denoiser
+    calls, or ``gain`` (local SQNR shifted by a per-layer local-to-output gain measured once per layer).
+    """
+
+    mode: str = "fast"  # fast | full
+    proxy: str = "gain"  # fast mode only: local | denoiser | gain
+    content_metric: str = "ssim"  # full mode, content group (cross-attention, feed-forward): ssim | sqnr
+    quality_metric: str = "sqnr"  # full mode, quality group (everything else): ssim | sqnr
+    w_bits_content: tuple[int, ...] = (2, 4, 8)  # candidate weight bits, content group (MixDQ)
+    w_bits_quality: tuple[int, ...] = (4, 8)  # candidate weight bits, quality group (MixDQ)
+    a_bits: tuple[int, ...] = (4, 8)  # candidate activation bits (16 = keep activations in floating point)
+    num_prompts: int = 4  # prompts (one image each) per full-mode measurement
+    fast_prompts: int = 2  # prompts whose per-layer inputs are cached for fast mode
+
+    def __post_init__(self) -> None:
+        self.validate("sensitivity")
+
+    def validate(self, path: str) -> None:
+        _choice(f"{path}.mode", self.mode, SENSITIVITY_MODES)
+        _choice(f"{path}.proxy", self.proxy, FAST_PROXIES)
+        _choice(f"{path}.content_metric", self.content_metric, METRICS)
+        _choice(f"{path}.quality_metric", self.quality_metric, METRICS)
+        for key in ("w_bits_content", "w_bits_quality", "a_bits"):
+            values = getattr(self, key)
+            if not values:
+                raise _fail(f"{path}.{key}", "must list at least one bit-width")
+            for i, b in enumerate(values):
+                _choice(f"{path}.{key}[{i}]", b, ACT_BITS if key == "a_bits" else WEIGHT_BITS)
+        _positive(f"{path}.num_prompts", self.num_prompts)
+        _positive(f"{path}.fast_prompts", self.fast_prompts)
+
+
+@dataclass(frozen=True)
+class AllocationConfig:
+    """Bit allocation by integer programming (``qdiff.calib.allocate``).
+
+    Budgets are size-weighted average bits over the layers the plan may quantize (protected layers
+    excluded): weights weighted by parameter count in *storage* bits (3-bit weights are stored in a
+    nibble and cost 4), activations by input element count (16 = floating point).
+    """
+
+    w_budget: float = 8.0
+    a_budget: float = 8.0
+    joint: bool = True  # one program for both groups (normalised scores); false = MixDQ's separate groups
+    content_weight: float = 0.5  # joint mode: weight of the content group's normalised loss (quality: 1 - it)
+
+    def __post_init__(self) -> None:
+        self.validate("allocation")
+
+    def validate(self, path: str) -> None:
+        for key in ("w_budget", "a_budget"):
+            value = getattr(self, key)
+            if not 1.0 <= value <= 16.0:
+                raise _fail(f"{path}.{key}", f"must be in [1, 16] bits, got {value!r}")
+        if not 0.0 <= self.content_weight <= 1.0:
+            raise _fail(f"{path}.content_weight", f"must be in [0, 1], got {self.content_weight!r}")
+
+
+QSCHED_PARAMETERISATIONS = ("ramp", "ramp4", "per_step")
+QSCHED_OPTIMISERS = ("grid", "cmaes", "coordinate")
+
+
+@dataclass(frozen=True)
+class QSchedConfig:
+    """Q-Sched: per-step scheduler coefficients fitted with the reference-free JAQ loss (``qdiff.sched``).
+
+    Only the quantized model is sampled while fitting. ``budget`` counts image generations; the search
+    is validated on ``heldout_prompts`` further prompts (other seeds) and keeps identity coefficients
+    unless the held-out JAQ improves by more than ``min_gain``.
+    """
+
+    enabled: bool = False  # fit after quantizing (qdiff.quantize / qdiff quantize)
+    parameterisation: str = "ramp"  # ramp (2 start values, ends 1; the reference) | ramp4 | per_step (2 per step)
+    optimiser: str = "grid"  # grid (the reference) | cmaes | coordinate
+    grid_size: int = 10  # points per axis (10x10 in the reference code, 50x50 in its published script)
+    range_min: float = 0.8  # search box for every coefficient (the reference's [0.8, 1.2])
+    range_max: float = 1.2
+    budget: int | None = None  # image generations; None: the whole grid, or 20% of the grid's for other optimisers
+    alignment: str = "open_clip:ViT-B-32:openai"  # scorer spec (qdiff.sched.scorers), higher = better
+    quality: str = "pyiqa:clipiqa"
+    k: float = 2.0  # JAQ = mean log(alignment) + k * mean quality
+    log_alignment: bool = True
+    prompts: str | None = None  # prompt set name or .txt path; None = calibration.prompts
+    num_prompts: int = 8  # fitting prompts (the first ones of the set)
+    heldout_prompts: int = 4  # validation prompts (the next ones of the set, other seeds)
+    seed: int = 0  # image seeds (held-out: seed + 10000) and the optimiser's seed
+    min_gain: float = 0.0  # held-out JAQ gain required to keep the fitted coefficients
+
+    def __post_init__(self) -> None:
+        self.validate("qsched")
+
+    def validate(self, path: str) -> None:
+        _choice(f"{path}.parameterisation", self.parameterisation, QSCHED_PARAMETERISATIONS)
+        _choice(f"{path}.optimiser", self.optimiser, QSCHED_OPTIMISERS)
+        _positive(f"{path}.grid_size", self.grid_size)
+        if not 0.0 < self.range_min <= 1.0 <= self.range_max:
+            raise _fail(f"{path}.range_min", f"need 0 < range_min <= 1 <= range_max, got {self.range_min!r}, "
+                        f"{self.range_max!r}")  # fmt: skip
+        if self.budget is not None:
+            _positive(f"{path}.budget", self.budget)
+        for key in ("alignment", "quality"):
+            if not isinstance(getattr(self, key), str) or not getattr(self, key):
+                raise _fail(f"{path}.{key}", "must be a scorer spec such as 'open_clip:ViT-B-32:PATH' or 'pyiqa:piqe'")
+        _positive(f"{path}.k", self.k, allow_zero=True)
+        _positive(f"{path}.num_prompts", self.num_prompts)
+        _positive(f"{path}.heldout_prompts", self.heldout_prompts)
+        _positive(f"{path}.min_gain", self.min_gain, allow_zero=True)
+        if self.optimiser == "grid" and self.parameterisation != "ramp":
+            raise _fail(f"{path}.optimiser", "grid searches the 2-value ramp only; use cmaes or coordinate")
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How to quantize a pipeline. Load with :meth:`Recipe.load` (name or path) or build in Python."""
@@ -147,6 +268,10 @@ class Recipe:
     activations: ActivationConfig = field(default_factory=ActivationConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+    allocation: AllocationConfig = field(default_factory=AllocationConfig)
+    qsched: QSchedConfig = field(default_factory=QSchedConfig)
+    bos_aware: bool = False  # cross-attention K/V: token 0 skips the activation quantizer, FP weights (MixDQ)
     skip: tuple[str, ...] = ()  # extra layer-name patterns (fnmatch) kept in full precision
     quantize_protected: bool = False  # also quantize the adapter's protected layers (conv_in, conv_out, ...)
     kernel: str = "auto"  # auto | triton | torch
@@ -161,6 +286,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["skip"] = list(self.skip)
+        out["sensitivity"] = {k: list(v) if isinstance(v, tuple) else v for k, v in out["sensitivity"].items()}
         return out
 
     @classmethod

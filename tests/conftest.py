@@ -14,6 +14,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+# Triton kernels (tests/kernels) run through the CPU interpreter when there is no GPU; triton.jit reads this
+# when a kernel module is imported, so it is set here, before any test module imports qdiff._kernels.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def _devices() -> list[str]:
@@ -27,6 +31,12 @@ def _devices() -> list[str]:
 def device(request) -> torch.device:
     """CPU always; CUDA too when QDIFF_TEST_CUDA=1 and a GPU is present."""
     return torch.device(request.param)
+
+
+@pytest.fixture
+def kdev() -> torch.device:
+    """Where the Triton kernel tests run: CUDA when present, else CPU through the Triton interpreter."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.fixture

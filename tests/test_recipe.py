@@ -11,7 +11,7 @@ from qdiff.errors import QdiffError
 from qdiff.recipe import ActivationConfig, Recipe, WeightConfig, bundled_recipes
 
 
-@pytest.mark.parametrize("name", ["w8a8", "w4a8", "w8a8-static"])
+@pytest.mark.parametrize("name", ["w8a8", "w4a8", "w8a8-static", "mixdq-w8a8", "mixdq-w4a8", "mixdq-w3.66a16"])
 def test_bundled_recipes_load_and_round_trip(name, tmp_path):
     recipe = Recipe.load(name)
     assert recipe.name == name

@@ -1,17 +1,26 @@
 """Run the few-step sampler over prompts while observers record layer-input statistics.
 
-Observers are attached for the duration of a ``with`` block and always removed on exit, also when
-the sampler raises. Only statistics are kept, never raw activations.
+Observers and hooks are attached for the duration of a ``with`` block and always removed on exit, also
+when the sampler raises. Only statistics are kept (:mod:`qdiff.calib.stats`: per layer and per step
+min/max, EMA, a bounded histogram), never raw activations, unless a stage asks for cached inputs
+(``cache_inputs`` / ``cache_denoiser``, used by the fast sensitivity mode on a few prompts).
+
+Step index = the index of the denoiser call within one pipeline call (classifier-free guidance batches
+the conditional and unconditional branches into one call in every supported pipeline).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from qdiff.calib.stats import CapturedStats, LayerStats
 from qdiff.quant.modules import QuantLayer
 from qdiff.quant.observers import Observer
 from qdiff.recipe import SamplerConfig
@@ -48,14 +57,178 @@ def run_sampler(
     batch_size: int,
     progress: bool = True,
     desc: str = "sampling",
+    on_batch: Callable[[int], None] | None = None,
 ) -> None:
-    """Run the sampler over ``prompts`` in batches (latents only: the VAE decode is skipped)."""
+    """Run the sampler over ``prompts`` in batches (latents only: the VAE decode is skipped).
+
+    ``on_batch(i)`` is called before batch ``i`` (the capture uses it to restart its step counter).
+    """
     batches = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
     saved = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)  # one bar over batches instead of one per call
     try:
         for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
             generator = torch.Generator("cpu").manual_seed(sampler.seed + i)
+            if on_batch is not None:
+                on_batch(i)
             pipe(batch, generator=generator, output_type="latent", **sampler_kwargs(sampler))
     finally:
         pipe._progress_bar_config = saved
+
+
+# ---- statistics capture with forward pre-hooks (works on float or quantized layers) -----------------------------
+def _to_cpu(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return obj.detach().to("cpu").clone()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def first_output(out: Any) -> Tensor:
+    """The sample tensor of a denoiser's output (tuple, ``BaseOutput`` or tensor)."""
+    if isinstance(out, Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out.sample if hasattr(out, "sample") else out[0]
+
+
+@dataclass
+class Capture:
+    """What a :func:`capturing` block records. ``step`` is the current denoiser call index (-1 before the first)."""
+
+    stats: dict[str, LayerStats]
+    inputs: dict[str, list[Tensor]] = field(default_factory=dict)  # cached layer inputs (CPU), when asked for
+    denoiser_calls: list[tuple[tuple, dict, Tensor]] = field(default_factory=list)  # (args, kwargs, output)
+    step: int = -1
+
+    def new_call(self, _batch: int = 0) -> None:
+        """Restart the step counter: the next denoiser call is step 0 of a new pipeline call."""
+        self.step = -1
+
+    def result(self, meta: dict[str, Any] | None = None) -> CapturedStats:
+        return CapturedStats(dict(self.stats), dict(meta or {}))
+
+
+def drop_bos(x: Tensor) -> Tensor:
+    """Token 0 removed from a ``(B, T, C)`` encoder-hidden-states input (BOS-aware cross-attention K/V)."""
+    return x[:, 1:] if x.dim() == 3 else x
+
+
+@contextmanager
+def capturing(
+    denoiser: nn.Module,
+    layers: Mapping[str, nn.Module],
+    *,
+    bins: int = 1024,
+    momentum: float = 0.95,
+    bos_layers: Collection[str] = (),
+    cache_inputs: Collection[str] = (),
+    cache_denoiser: bool = False,
+) -> Iterator[Capture]:
+    """Record the input statistics of ``layers`` at every denoiser call; all hooks are removed on exit.
+
+    ``bos_layers``: token 0 of their input is excluded (BOS-aware K/V). ``cache_inputs``: layers whose raw
+    inputs are also kept (CPU). ``cache_denoiser``: keep every denoiser call's inputs and output (CPU).
+    Call ``capture.new_call()`` before each pipeline call (``run_sampler(on_batch=...)`` does).
+    """
+    cap = Capture({name: LayerStats(bins, momentum) for name in layers})
+    bos, cache = set(bos_layers), set(cache_inputs)
+    handles = []
+
+    def den_pre(_module, _args):
+        cap.step += 1
+
+    def make_hook(name: str):
+        def hook(_module, args):
+            x = raw = args[0]
+            if name in bos:
+                x = drop_bos(x)
+            st = cap.stats[name]
+            st.update(x, max(cap.step, 0))
+            st.numel_per_sample = max(st.numel_per_sample, x.numel() // max(1, x.shape[0]))
+            if name in cache:
+                cap.inputs.setdefault(name, []).append(raw.detach().to("cpu").clone())  # token 0 included
+
+        return hook
+
+    def den_post(_module, args, kwargs, out):
+        cap.denoiser_calls.append((_to_cpu(args), _to_cpu(kwargs), first_output(out).detach().to("cpu").clone()))
+
+    try:
+        handles.append(denoiser.register_forward_pre_hook(den_pre))
+        for name, mod in layers.items():
+            handles.append(mod.register_forward_pre_hook(make_hook(name)))
+        if cache_denoiser:
+            handles.append(denoiser.register_forward_hook(den_post, with_kwargs=True))
+        yield cap
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def collecting_outputs(denoiser: nn.Module) -> Iterator[list[Tensor]]:
+    """Collect the denoiser's output sample at every call (CPU float32); the hook is removed on exit."""
+    outputs: list[Tensor] = []
+
+    def hook(_module, _args, out):
+        outputs.append(first_output(out).detach().float().cpu())
+
+    handle = denoiser.register_forward_hook(hook)
+    try:
+        yield outputs
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def generate(pipe, prompts: Sequence[str], sampler: SamplerConfig, batch_size: int, output_type: str = "pt") -> Tensor:
+    """Images ``(B, 3, H, W)`` in [0, 1] (or latents with ``output_type="latent"``); prompt ``j`` always uses
+    seed ``sampler.seed + j`` whatever the batching, so runs are comparable image by image."""
+    saved = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
+    out = []
+    try:
+        for i in range(0, len(prompts), batch_size):
+            batch = list(prompts[i : i + batch_size])
+            gens = [torch.Generator("cpu").manual_seed(sampler.seed + i + j) for j in range(len(batch))]
+            res = pipe(batch, generator=gens, output_type=output_type, **sampler_kwargs(sampler))
+            out.append(res.images.detach().float().cpu())
+    finally:
+        pipe._progress_bar_config = saved
+    return torch.cat(out)
+
+
+def capture_stats(
+    pipe,
+    recipe,
+    *,
+    names: Sequence[str] | None = None,
+    prompts: Sequence[str] | None = None,
+    bins: int = 1024,
+    progress: bool = True,
+) -> CapturedStats:
+    """Run the recipe's sampler over its calibration prompts and return per-layer, per-step statistics.
+
+    ``names``: layers to observe (default: every quantizable layer of the denoiser). With
+    ``recipe.bos_aware`` token 0 of the cross-attention K/V inputs is left out of their statistics.
+    """
+    from qdiff.calib.prompts import load_prompts
+    from qdiff.models.adapters import find_denoiser, get_adapter
+
+    _, den = find_denoiser(pipe)
+    adapter = get_adapter(den)
+    if names is None:
+        names = [i.name for i in adapter.layers(den)]
+    layers = {n: den.get_submodule(n) for n in names}
+    bos = sorted(set(adapter.cross_attention_kv(den)) & set(names)) if recipe.bos_aware else []
+    cal = recipe.calibration
+    prompts = list(prompts or load_prompts(cal.prompts, cal.num_prompts))
+    with capturing(den, layers, bins=bins, momentum=recipe.activations.momentum, bos_layers=bos) as cap:
+        run_sampler(pipe, prompts, recipe.sampler, cal.batch_size, progress, "capturing ranges", cap.new_call)
+    meta = {"prompts": prompts, "sampler": recipe.to_dict()["sampler"], "bos_layers": bos, "bins": bins}
+    return cap.result(meta)

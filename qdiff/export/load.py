@@ -45,7 +45,8 @@ def load_denoiser(folder: Path, manifest: dict) -> torch.nn.Module:
         den = cls.from_config(config)
     try:
         specs = {name: LayerQuant.from_dict(entry["quant"]) for name, entry in manifest["layers"].items()}
-        build_frozen_shells(den, specs)
+        bos = {name: entry["bos"] for name, entry in manifest["layers"].items() if entry.get("bos")}  # optional
+        build_frozen_shells(den, specs, bos)
     except (TypeError, ValueError, AttributeError, KeyError) as exc:
         raise QdiffError(f"{folder / 'qdiff.json'}: layer table does not match the denoiser config ({exc})") from None
     try:
@@ -102,6 +103,23 @@ def load_export(path: str | Path, device: str | torch.device | None = None):
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QdiffError(f"{folder}: cannot load the pipeline components ({first})") from None
+    _apply_schedule(pipe, folder, manifest)
     if device is not None:
         pipe.to(device)
     return pipe
+
+
+def _apply_schedule(pipe, folder: Path, manifest: dict) -> None:
+    """Re-install the Q-Sched coefficients; ``qdiff.json`` and ``scheduler/qsched.json`` must agree."""
+    from qdiff.sched.qsched import SCHEDULE_FILE, Schedule, apply_schedule
+
+    sidecar = folder / "scheduler" / SCHEDULE_FILE
+    entry = manifest.get("schedule")
+    if entry is None:
+        if sidecar.is_file():
+            raise QdiffError(f"{sidecar}: present but qdiff.json has no schedule")
+        return
+    schedule = Schedule.from_dict(entry, source=f"{folder / 'qdiff.json'}: schedule")
+    if not sidecar.is_file() or Schedule.load(sidecar).to_dict() != schedule.to_dict():
+        raise QdiffError(f"{sidecar}: missing or different from the schedule in qdiff.json")
+    apply_schedule(pipe, schedule)

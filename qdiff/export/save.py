@@ -61,6 +61,13 @@ def save_quantized(pipe, out_dir: str | Path, overwrite: bool = False) -> Path:
     return out
 
 
+def _schedule(pipe) -> dict | None:
+    from qdiff.sched.qsched import get_schedule
+
+    schedule = get_schedule(pipe)
+    return None if schedule is None else schedule.to_dict()
+
+
 def _write(pipe, attr: str, den, info, tmp: Path) -> None:
     for name, component in pipe.components.items():
         if component is None or name == attr:
@@ -90,9 +97,14 @@ def _write(pipe, attr: str, den, info, tmp: Path) -> None:
         "recipe": info.recipe.to_dict(),
         "plan": None if info.plan is None else info.plan.to_dict(),
         "layers": {
-            name: {"weight_shape": list(m.weight_shape), "quant": m.qcfg.to_dict()} for name, m in layers.items()
+            name: {
+                "weight_shape": list(m.weight_shape),
+                "quant": m.qcfg.to_dict(),
+                **({"bos": m.bos_mode} if hasattr(m, "bos_mode") else {}),  # BOS-aware K/V (optional field)
+            }
+            for name, m in layers.items()
         },
-        "schedule": None,
+        "schedule": _schedule(pipe),  # Q-Sched coefficients (also in scheduler/qsched.json), or None
         "files": hash_tree(tmp),
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

@@ -176,7 +176,7 @@ class FluxAdapter(Adapter):
         return len(parts) >= 2 and parts[-2] == "attn" and parts[-1] in ("add_k_proj", "add_v_proj")
 
 
-ADAPTERS: list[Adapter] = [UNetAdapter(), PixArtAdapter(), FluxAdapter()]
+ADAPTERS: tuple[Adapter, ...] = (UNetAdapter(), PixArtAdapter(), FluxAdapter())
 
 _DENOISER_ATTRS = ("unet", "transformer")
 

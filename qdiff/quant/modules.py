@@ -53,6 +53,7 @@ class QuantLayer(nn.Module):
         self.observer: Observer | None = None  # set by calibration; forward then runs in float and records inputs
         self.kernel = ops.KernelPreference.AUTO
         self._w_scale_cache: Tensor | None = None
+        self.register_load_state_dict_post_hook(_refresh_zp_sums_hook)  # derived w_sum follows loaded codes
         if qcfg.static_act:
             self.register_buffer("a_scale", torch.full((), float("nan")))
             self.register_buffer("a_zp", torch.zeros((), dtype=torch.int32))
@@ -110,6 +111,19 @@ class QuantLayer(nn.Module):
         self.register_buffer("w_scale", scale)
         self._w_scale_cache = None
         self.state = "frozen"
+        self.refresh_zp_sums()
+
+    def refresh_zp_sums(self) -> None:
+        """(Re)compute ``w_sum``: (N, G) int32 weight-code sums, a non-persistent buffer (never exported).
+
+        Only for frozen layers with static activations: the Triton GEMM folds the zero-point into its epilogue
+        as ``acc - zp * w_sum`` instead of re-reading the weights every call. Runs after freeze() and load.
+        """
+        if self.state != "frozen" or not self.qcfg.static_act or self.qweight.is_meta:
+            return
+        q = self.qcfg
+        sums = ops.weight_sums(self.qweight, q.w_bits, self.in_features_2d, q.group_size, self.w_scale.shape[1])
+        self.register_buffer("w_sum", sums, persistent=False)
 
     def make_frozen_shell(self, device: torch.device | str = "meta") -> None:
         """Turn a fresh fake layer into an empty frozen layer (buffers of the right shape) for loading."""
@@ -200,6 +214,7 @@ class QuantLinear(QuantLayer):
             x, self.qweight, self.w_scale, w_bits=q.w_bits, in_features=self.in_features, group_size=q.group_size,
             bias=self.bias, a_bits=q.a_bits, a_mode=q.a_mode,
             a_scale=getattr(self, "a_scale", None), a_zp=getattr(self, "a_zp", None),
+            kernel=self.kernel, w_sum=getattr(self, "w_sum", None),
         )  # fmt: skip
 
 
@@ -245,7 +260,12 @@ class QuantConv2d(QuantLayer):
             x, self.qweight, self.w_scale, w_bits=q.w_bits, weight_shape=self.weight_shape, stride=self.stride,
             padding=self.padding, dilation=self.dilation, group_size=q.group_size, bias=self.bias,
             a_bits=q.a_bits, a_mode=q.a_mode, a_scale=getattr(self, "a_scale", None), a_zp=getattr(self, "a_zp", None),
+            kernel=self.kernel, w_sum=getattr(self, "w_sum", None),
         )  # fmt: skip
+
+
+def _refresh_zp_sums_hook(module: QuantLayer, _incompatible_keys) -> None:
+    module.refresh_zp_sums()
 
 
 def quant_module_for(layer: nn.Module, qcfg: LayerQuant) -> QuantLayer:

@@ -73,25 +73,50 @@ def _parent(root: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (root.get_submodule(parent_name) if parent_name else root), child
 
 
-def apply_specs(denoiser: nn.Module, specs: Mapping[str, LayerQuant]) -> dict[str, QuantLayer]:
-    """Replace each named layer by its quantized module in the *fake* state; returns name → module."""
+def apply_specs(
+    denoiser: nn.Module, specs: Mapping[str, LayerQuant], bos: Mapping[str, str] | None = None
+) -> dict[str, QuantLayer]:
+    """Replace each named layer by its quantized module in the *fake* state; returns name → module.
+
+    ``bos`` maps cross-attention K/V layer names to a BOS mode (``qdiff.quant.bos``): those Linear layers
+    become :class:`~qdiff.quant.bos.BOSQuantLinear`.
+    """
+    from qdiff.quant.bos import BOSQuantLinear
+
+    bos = bos or {}
     out: dict[str, QuantLayer] = {}
     for name, qcfg in specs.items():
         parent, child = _parent(denoiser, name)
-        qmod = quant_module_for(getattr(parent, child), qcfg)
+        layer = getattr(parent, child)
+        if name in bos and isinstance(layer, nn.Linear):
+            qmod = BOSQuantLinear.from_float(layer, qcfg)
+            qmod.bos_mode = bos[name]
+        else:
+            qmod = quant_module_for(layer, qcfg)
         setattr(parent, child, qmod)
         out[name] = qmod
     return out
 
 
-def build_frozen_shells(denoiser: nn.Module, specs: Mapping[str, LayerQuant]) -> dict[str, QuantLayer]:
-    """Replace named layers by empty *frozen* modules (meta buffers) for ``load_state_dict(assign=True)``."""
+def build_frozen_shells(
+    denoiser: nn.Module, specs: Mapping[str, LayerQuant], bos: Mapping[str, str] | None = None
+) -> dict[str, QuantLayer]:
+    """Replace named layers by empty *frozen* modules (meta buffers) for ``load_state_dict(assign=True)``.
+
+    ``bos``: layer name -> BOS mode for BOS-aware cross-attention K/V layers (manifest field ``bos``).
+    """
+    from qdiff.quant.bos import BOSQuantLinear
+
+    bos = bos or {}
     out: dict[str, QuantLayer] = {}
     for name, qcfg in specs.items():
         parent, child = _parent(denoiser, name)
         layer = getattr(parent, child)
         if isinstance(layer, nn.Linear):
-            qmod = QuantLinear(layer.in_features, layer.out_features, layer.bias is not None, qcfg, device="meta")
+            cls = BOSQuantLinear if name in bos else QuantLinear
+            qmod = cls(layer.in_features, layer.out_features, layer.bias is not None, qcfg, device="meta")
+            if name in bos:
+                qmod.make_bos_shell(bos[name], "meta")
         elif isinstance(layer, nn.Conv2d):
             qmod = QuantConv2d(QuantConv2d.conv_args(layer), layer.bias is not None, qcfg, device="meta")
         else:

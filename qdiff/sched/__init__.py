@@ -1,0 +1,1 @@
+"""Q-Sched: quantization-aware scheduler coefficients (wrapper, parameterisations, JAQ loss, scorers, search)."""

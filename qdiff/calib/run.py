@@ -1,0 +1,153 @@
+"""The calibration pipeline: capture -> sensitivity -> allocation, each stage saved so a run can resume.
+
+Folder layout (``qdiff calibrate --out DIR``)::
+
+    DIR/ranges.safetensors, ranges.json   per-layer, per-step activation statistics (capture)
+         sensitivity.jsonl                 journal: one line per finished layer (resume point)
+         sensitivity.json, sensitivity.csv table, one row per layer
+         sensitivity.png                   heatmap (plan bits outlined)
+         plan.json                         the allocator's Plan (``qdiff quantize --calib DIR``)
+         recipe.yaml, calibrate.log        the recipe used and a log of the run
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from qdiff.calib.allocate import allocate, items_from_table
+from qdiff.calib.capture import capture_stats
+from qdiff.calib.plan import Plan
+from qdiff.calib.sensitivity import analyze
+from qdiff.calib.stats import STATS_JSON, CapturedStats, write_text_atomic
+from qdiff.calib.table import SensitivityTable
+from qdiff.models.adapters import find_denoiser, get_adapter
+from qdiff.recipe import Recipe
+
+JOURNAL = "sensitivity.jsonl"
+
+
+@dataclass
+class CalibrationResult:
+    """Artifacts of :func:`calibrate`: captured ranges, the sensitivity table and the plan."""
+
+    recipe: Recipe
+    stats: CapturedStats
+    table: SensitivityTable
+    plan: Plan
+    log: list[str]
+
+    def save(self, folder: str | Path) -> Path:
+        """Write every artifact into ``folder`` (each file atomically)."""
+        from qdiff.calib.plot import save_png
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        if not (folder / STATS_JSON).exists():
+            self.stats.save(folder)
+        self.table.save_json(folder / "sensitivity.json")
+        self.table.save_csv(folder / "sensitivity.csv")
+        save_png(self.table, folder / "sensitivity.png", self.plan, f"{self.recipe.name}: sensitivity per layer")
+        write_text_atomic(folder / "plan.json", _plan_json(self.plan))
+        write_text_atomic(folder / "recipe.yaml", self.recipe.to_yaml())
+        write_text_atomic(folder / "calibrate.log", "\n".join(self.log) + "\n")
+        return folder
+
+
+def _plan_json(plan: Plan) -> str:
+    import json
+
+    return json.dumps(plan.to_dict(), indent=2) + "\n"
+
+
+def calibrate(
+    pipe,
+    recipe: Recipe,
+    *,
+    work_dir: str | Path | None = None,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> CalibrationResult:
+    """Run capture, sensitivity and allocation on ``pipe`` (left in floating point).
+
+    With ``work_dir`` every stage is saved there as it finishes and reused on the next call: the captured
+    ranges are loaded instead of recomputed, and the sensitivity journal resumes at the first missing layer.
+    """
+    log: list[str] = []
+
+    def say(msg: str) -> None:
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        log.append(line)
+        if echo is not None:
+            echo(line)
+
+    work = Path(work_dir) if work_dir is not None else None
+    _, den = find_denoiser(pipe)
+    adapter = get_adapter(den)
+    say(f"recipe {recipe.name}: sensitivity {recipe.sensitivity.mode}, budget W{recipe.allocation.w_budget:g}"
+        f"A{recipe.allocation.a_budget:g}, joint={recipe.allocation.joint}, bos_aware={recipe.bos_aware}")  # fmt: skip
+    t = time.perf_counter()
+    if work is not None and (work / STATS_JSON).exists():
+        stats = CapturedStats.load(work)
+        say(f"capture: loaded {len(stats.layers)} layers from {work}")
+    else:
+        stats = capture_stats(pipe, recipe, progress=progress)
+        if work is not None:
+            stats.save(work)
+        say(
+            f"capture: {len(stats.layers)} layers, {len(stats.meta['prompts'])} prompts "
+            f"({time.perf_counter() - t:.1f} s)"
+        )
+    t = time.perf_counter()
+    journal = None if work is None else work / JOURNAL
+    table = analyze(pipe, recipe, stats=stats, journal=journal, progress=progress)
+    say(
+        f"sensitivity: {len(table.rows)} layers, {table.meta['resumed_rows']} resumed "
+        f"({time.perf_counter() - t:.1f} s)"
+    )
+    alloc = recipe.allocation
+    items = items_from_table(table.rows, recipe.sensitivity.a_bits)
+    plan = allocate(items, alloc.w_budget, alloc.a_budget, joint=alloc.joint, content_weight=alloc.content_weight)
+    meta = dict(plan.meta)
+    meta.update({"recipe": recipe.name, "sensitivity_mode": recipe.sensitivity.mode, "family": adapter.family})
+    plan = Plan(plan.layers, meta)
+    say(
+        f"allocation: W {meta['achieved_w_bits']:.4f} / {alloc.w_budget:g} bits, "
+        f"A {meta['achieved_a_bits']:.4f} / {alloc.a_budget:g} bits, "
+        f"status {meta['solver_status']} ({meta['solve_s']} s)"
+    )
+    return CalibrationResult(recipe, stats, table, plan, log)
+
+
+def calibrate_to_folder(
+    pipe, recipe: Recipe, out: str | Path, *, overwrite: bool = False, progress: bool = True, echo=print
+) -> CalibrationResult:
+    """``qdiff calibrate``: work in ``OUT.partial`` (kept on failure, resumed by the next run), then rename.
+
+    The folder appears complete or not at all; an interrupted run leaves ``OUT.partial`` with the captured
+    ranges and the sensitivity journal, and running the same command again continues from there.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    out = Path(out)
+    work = out.with_name(out.name + ".partial")
+    if work.exists():
+        echo(f"resuming from {work}")
+    result = calibrate(pipe, recipe, work_dir=work, progress=progress, echo=echo)
+    result.save(work)
+    if out.exists():
+        if not overwrite:  # checked before any work too; re-checked in case it appeared meanwhile
+            from qdiff.errors import QdiffError
+
+            raise QdiffError(f"output folder {out} already exists (use --overwrite to replace it)")
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / out.name)
+        os.replace(work, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(work, out)
+    return result

@@ -1,0 +1,233 @@
+"""Fit Q-Sched coefficients: search theta to maximise JAQ on fitting prompts, validate on held-out ones.
+
+The search sees only ``evaluate(schedule, split) -> (alignment (P,), quality (P,))``: images drawn by
+the *quantized* pipeline with that schedule, scored by reference-free scorers. Every evaluation is
+cached under its rounded coefficients and appended to a JSONL log; a restarted fit replays the log, and
+because the optimisers are deterministic it asks for the same points again and gets them from the
+cache, so an interrupted fit resumes where it stopped and ends with the same result.
+
+After the search, identity and the best coefficients are scored on held-out prompts with other seeds;
+a fitted schedule is kept only if the held-out JAQ improves by more than ``min_gain`` (Q-Sched's
+metric-hacking risk: the scorer can be optimised without the images improving).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from qdiff.errors import QdiffError
+from qdiff.recipe import QSchedConfig
+from qdiff.sched import params, search
+from qdiff.sched.jaq import jaq
+from qdiff.sched.qsched import Schedule
+
+ROUND = 5  # decimals of the coefficients that key the cache (images are drawn with the rounded values)
+LOG_VERSION = 1
+Evaluate = Callable[[Schedule, str], tuple[Tensor, Tensor]]  # (schedule, "fit" | "heldout") -> scores
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """Outcome of a fit. ``schedule`` is what to use: the fitted coefficients, or identity when refused."""
+
+    schedule: Schedule
+    accepted: bool
+    message: str
+    parameterisation: str
+    optimiser: str
+    theta: tuple[float, ...]  # best theta on the fitting prompts
+    train_jaq_identity: float
+    train_jaq_best: float
+    heldout_jaq_identity: float
+    heldout_jaq_best: float
+    evaluations: int  # objective calls on the fitting prompts (identity included)
+    generations: int  # images behind this result (fitting + held-out), log-replayed ones included
+    new_generations: int  # images actually drawn in this call (0 when everything came from the log)
+    curve: tuple[tuple[int, float], ...]  # (generations so far, best fitting JAQ so far)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["schedule"] = self.schedule.to_dict()
+        out["curve"] = [list(p) for p in self.curve]
+        return out
+
+
+def coefficient_key(split: str, sched: Schedule) -> str:
+    vals = ",".join(f"{v:.{ROUND}f}" for v in sched.c_eps + sched.c_x)
+    return f"{split}|{sched.steps}|{vals}"
+
+
+def rounded_schedule(name: str, theta, steps: int) -> Schedule:
+    c_eps, c_x = params.coefficients(name, theta, steps)
+    return Schedule(tuple(round(v, ROUND) for v in c_eps), tuple(round(v, ROUND) for v in c_x))
+
+
+class EvalCache:
+    """Scores per (split, rounded coefficients), mirrored to an append-only JSONL log when ``path`` is set.
+
+    The log's first line holds a fingerprint of everything the scores depend on (model, prompts,
+    seeds, sampler, scorers); a log written for another setup is refused, not silently reused.
+    """
+
+    def __init__(self, path: str | Path | None, fingerprint: Mapping[str, Any]) -> None:
+        self.path = Path(path) if path is not None else None
+        self.fingerprint = json.loads(json.dumps(dict(fingerprint)))  # normalised (tuples -> lists)
+        self.entries: dict[str, tuple[list[float], list[float]]] = {}
+        if self.path is None:
+            return
+        if self.path.is_file() and self.path.stat().st_size > 0:
+            self._replay()
+        else:
+            self._append({"type": "header", "version": LOG_VERSION, "fingerprint": self.fingerprint})
+
+    def _replay(self) -> None:
+        text = self.path.read_text()
+        if not text.endswith("\n"):  # a record cut short by an interruption: drop it before appending again
+            text = text[: text.rfind("\n") + 1]
+            tmp = self.path.with_name(f".{self.path.name}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, self.path)
+        lines = text.splitlines()
+        try:
+            header = json.loads(lines[0])
+        except (json.JSONDecodeError, IndexError):
+            raise QdiffError(f"{self.path}: not a Q-Sched evaluation log (bad header line)") from None
+        if header.get("type") != "header" or header.get("version") != LOG_VERSION:
+            raise QdiffError(f"{self.path}: not a Q-Sched evaluation log (version {LOG_VERSION})")
+        theirs = header.get("fingerprint", {})
+        if theirs != self.fingerprint:
+            diff = sorted(k for k in set(theirs) | set(self.fingerprint) if theirs.get(k) != self.fingerprint.get(k))
+            raise QdiffError(f"{self.path}: log was written for a different fit setup ({', '.join(diff)} differ); "
+                             "use a new log path")  # fmt: skip
+        for i, line in enumerate(lines[1:], start=2):
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                raise QdiffError(f"{self.path}: line {i} is not valid JSON") from None
+            self.entries[rec["key"]] = (rec["alignment"], rec["quality"])
+
+    def _append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def get(self, key: str) -> tuple[list[float], list[float]] | None:
+        return self.entries.get(key)
+
+    def put(self, key: str, sched: Schedule, alignment: list[float], quality: list[float]) -> None:
+        self.entries[key] = (alignment, quality)
+        if self.path is not None:
+            self._append({"type": "eval", "key": key, "c_eps": list(sched.c_eps), "c_x": list(sched.c_x),
+                          "alignment": alignment, "quality": quality})  # fmt: skip
+
+
+def default_budget(cfg: QSchedConfig, num_prompts: int) -> int:
+    """Generations: the whole grid for ``grid``, else 20% of the grid's (the issue's target)."""
+    grid = cfg.grid_size**2 * num_prompts
+    if cfg.budget is not None:
+        return cfg.budget
+    return grid if cfg.optimiser == "grid" else max(num_prompts, int(0.2 * grid))
+
+
+def fit(
+    evaluate: Evaluate,
+    cfg: QSchedConfig,
+    steps: int,
+    num_fit: int,
+    num_heldout: int,
+    cache: EvalCache | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Search ``cfg.parameterisation`` with ``cfg.optimiser``; validate on the held-out split."""
+    cache = cache or EvalCache(None, {})
+    name, lo, hi = cfg.parameterisation, cfg.range_min, cfg.range_max
+    budget = default_budget(cfg, num_fit)
+    if cfg.optimiser == "grid" and budget < cfg.grid_size**2 * num_fit:
+        raise QdiffError(f"recipe: qsched.budget: the {cfg.grid_size}x{cfg.grid_size} grid needs "
+                         f"{cfg.grid_size**2 * num_fit} generations, got {budget}")  # fmt: skip
+    state = {"gens": 0, "new": 0, "evals": 0, "best": -math.inf, "theta": None}
+    seen: set[str] = set()
+    curve: list[tuple[int, float]] = []
+    bar = tqdm(total=budget + (0 if cfg.optimiser != "grid" else num_fit), desc="Q-Sched fit", unit="img",
+               disable=not progress, leave=False)  # fmt: skip
+
+    def scores(sched: Schedule, split: str, n: int) -> float:
+        key = coefficient_key(split, sched)
+        hit = cache.get(key)
+        if hit is None:
+            a, q = evaluate(sched, split)
+            hit = ([float(v) for v in a], [float(v) for v in q])
+            cache.put(key, sched, *hit)
+            state["new"] += n
+        if key not in seen:
+            seen.add(key)
+            state["gens"] += n
+            bar.update(n if split == "fit" else 0)
+        a, q = hit
+        return float(jaq(_t(a), _t(q), cfg.k, cfg.log_alignment))
+
+    def objective(theta) -> float:
+        value = scores(rounded_schedule(name, theta, steps), "fit", num_fit)
+        state["evals"] += 1
+        if value > state["best"]:
+            state["best"], state["theta"] = value, tuple(float(v) for v in theta)
+        curve.append((state["gens"], state["best"]))
+        return value
+
+    identity = params.identity_theta(name, steps)
+    dim = len(identity)
+    try:
+        train_id = objective(identity)
+        evals = max(1, budget // num_fit)
+        if cfg.optimiser == "grid":
+            search.grid_search(objective, lo, hi, cfg.grid_size, dim)
+        elif cfg.optimiser == "cmaes":
+            search.cmaes(objective, identity, (hi - lo) / 4, evals - 1, lo, hi, seed=cfg.seed)
+        else:
+            search.coordinate_search(objective, identity, (hi - lo) / 4, evals, lo, hi)
+    finally:
+        bar.close()
+    theta, train_best = state["theta"], state["best"]
+    best_sched = rounded_schedule(name, theta, steps)
+    held_id = scores(rounded_schedule(name, identity, steps), "heldout", num_heldout)
+    held_best = scores(best_sched, "heldout", num_heldout)
+    gain = held_best - held_id
+    accepted = not best_sched.is_identity and gain > cfg.min_gain
+    where = f"{name}/{cfg.optimiser}, {state['gens']} generations"
+    if accepted:
+        message = f"Q-Sched: held-out JAQ {held_id:.4f} -> {held_best:.4f} (+{gain:.4f}) ({where})"
+        meta = {"parameterisation": name, "theta": list(theta), "optimiser": cfg.optimiser,
+                "jaq": {"fit_identity": train_id, "fit": train_best,
+                        "heldout_identity": held_id, "heldout": held_best},
+                "k": cfg.k, "generations": state["gens"]}  # fmt: skip
+        schedule = Schedule(best_sched.c_eps, best_sched.c_x, meta)
+    else:
+        why = (
+            "the search found nothing better than identity"
+            if best_sched.is_identity
+            else (f"held-out JAQ {held_id:.4f} -> {held_best:.4f} (gain {gain:+.4f} <= min_gain {cfg.min_gain})")
+        )
+        message = f"Q-Sched: no held-out gain ({why}); keeping identity coefficients ({where})"
+        schedule = Schedule.identity(steps)
+    return FitResult(
+        schedule=schedule, accepted=accepted, message=message, parameterisation=name, optimiser=cfg.optimiser,
+        theta=theta, train_jaq_identity=train_id, train_jaq_best=train_best, heldout_jaq_identity=held_id,
+        heldout_jaq_best=held_best, evaluations=state["evals"], generations=state["gens"],
+        new_generations=state["new"], curve=tuple(curve),
+    )  # fmt: skip
+
+
+def _t(values: list[float]) -> Tensor:
+    import torch
+
+    return torch.tensor(values, dtype=torch.float64)

@@ -1,0 +1,114 @@
+"""Fit Q-Sched on a quantized pipeline: draw images with candidate schedules, score them, search.
+
+Only the pipeline handed in is ever sampled (the quantized one); there is no full-precision model
+anywhere in this path, which ``tests/sched/test_reference_free.py`` checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from qdiff.calib.capture import sampler_kwargs
+from qdiff.calib.prompts import load_prompts
+from qdiff.errors import QdiffError
+from qdiff.recipe import Recipe, SamplerConfig
+from qdiff.sched.fit import EvalCache, FitResult, fit
+from qdiff.sched.qsched import Schedule, apply_schedule, get_schedule
+from qdiff.sched.scorers import Scorer, make_scorer
+
+HELDOUT_SEED_OFFSET = 10_000
+
+
+@torch.no_grad()
+def render(pipe, schedule: Schedule | None, prompts: Sequence[str], seeds: Sequence[int], sampler: SamplerConfig,
+           batch_size: int) -> Tensor:  # fmt: skip
+    """Images (P, 3, H, W) in [0, 1], one per prompt with its own seed, drawn with ``schedule`` installed."""
+    apply_schedule(pipe, schedule)
+    saved = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
+    try:
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i : i + batch_size]]
+            kwargs = sampler_kwargs(sampler)
+            out.append(pipe(list(prompts[i : i + batch_size]), generator=gens, output_type="pt", **kwargs).images)
+    finally:
+        pipe._progress_bar_config = saved
+    return torch.cat(out).float().cpu()
+
+
+def denoiser_fingerprint(pipe) -> str:
+    """sha256 over the denoiser's tensors (names, shapes, dtypes, bytes): which model drew the images."""
+    from qdiff.models.adapters import find_denoiser
+
+    h = hashlib.sha256()
+    for name, t in find_denoiser(pipe)[1].state_dict().items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def split_prompts(recipe: Recipe, prompts: Sequence[str] | str | Path | None) -> tuple[list[str], list[str]]:
+    """(fitting prompts, held-out prompts): the first ``num_prompts`` and the next ``heldout_prompts``."""
+    cfg = recipe.qsched
+    if prompts is None or isinstance(prompts, (str, Path)):
+        prompts = load_prompts(prompts or cfg.prompts or recipe.calibration.prompts)
+    prompts = list(prompts)
+    need = cfg.num_prompts + cfg.heldout_prompts
+    if len(prompts) < need:
+        raise QdiffError(f"recipe: qsched.num_prompts: {cfg.num_prompts} fitting + {cfg.heldout_prompts} held-out "
+                         f"prompts needed, only {len(prompts)} given")  # fmt: skip
+    return prompts[: cfg.num_prompts], prompts[cfg.num_prompts : need]
+
+
+def fit_pipeline(
+    pipe,
+    recipe: Recipe,
+    prompts: Sequence[str] | str | Path | None = None,
+    *,
+    alignment: str | Scorer | None = None,
+    quality: str | Scorer | None = None,
+    log: str | Path | None = None,
+    progress: bool = True,
+) -> FitResult:
+    """Fit ``recipe.qsched`` on ``pipe`` and install the result (identity = no wrapper) on ``pipe.scheduler``."""
+    cfg, sampler = recipe.qsched, recipe.sampler
+    fit_prompts, held_prompts = split_prompts(recipe, prompts)
+    align = make_scorer(alignment if alignment is not None else cfg.alignment)
+    qual = make_scorer(quality if quality is not None else cfg.quality)
+    seeds = {
+        "fit": [cfg.seed + i for i in range(len(fit_prompts))],
+        "heldout": [cfg.seed + HELDOUT_SEED_OFFSET + i for i in range(len(held_prompts))],
+    }
+    texts = {"fit": fit_prompts, "heldout": held_prompts}
+    previous = get_schedule(pipe)
+
+    def evaluate(schedule: Schedule, split: str) -> tuple[Tensor, Tensor]:
+        images = render(pipe, schedule, texts[split], seeds[split], sampler, recipe.calibration.batch_size)
+        return align.score(images, texts[split]), qual.score(images, texts[split])
+
+    fingerprint = {
+        "denoiser": denoiser_fingerprint(pipe) if log is not None else None,
+        "scheduler": type(getattr(pipe.scheduler, "inner", pipe.scheduler)).__name__,
+        "sampler": sampler_kwargs(sampler), "prompts": texts, "seeds": seeds,
+        "alignment": align.name, "quality": qual.name,
+    }  # fmt: skip
+    try:
+        result = fit(evaluate, cfg, sampler.steps, len(fit_prompts), len(held_prompts), EvalCache(log, fingerprint),
+                     progress)  # fmt: skip
+    except BaseException:
+        apply_schedule(pipe, previous)
+        raise
+    if result.accepted:  # provenance for the manifest: the search settings and the scorers behind the numbers
+        meta = {**result.schedule.meta, "qsched": dataclasses.asdict(cfg), "scorers": [align.name, qual.name],
+                "prompts": {"fit": len(fit_prompts), "heldout": len(held_prompts)}}  # fmt: skip
+        result = dataclasses.replace(result, schedule=Schedule(result.schedule.c_eps, result.schedule.c_x, meta))
+    apply_schedule(pipe, result.schedule if result.accepted else None)
+    return result

@@ -1,0 +1,164 @@
+"""QSchedScheduler: bit-identical to the wrapped scheduler at identity, the update math, drop-in behaviour."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+from qdiff.errors import QdiffError
+from qdiff.sched.qsched import QSchedScheduler, Schedule, apply_schedule, get_schedule
+
+SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+STEPS = 2
+
+
+def tiny_flux_pipeline(seed: int = 0):
+    """A tiny FLUX.1-shaped pipeline (FlowMatchEulerDiscreteScheduler) with random weights, built offline."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    from qdiff.models.tiny import TINY_WORDS, _clip_text_encoder, build_t5_tokenizer
+    from qdiff.models.tokenizer import build_clip_tokenizer
+
+    tok, t5tok = build_clip_tokenizer(TINY_WORDS), build_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        t5 = T5EncoderModel(T5Config(
+            vocab_size=len(t5tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
+            relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
+        )).eval()  # fmt: skip
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        ).eval()  # fmt: skip
+        vae = AutoencoderKL(
+            sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+            latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+            shift_factor=0.0609, scaling_factor=1.5035,
+        ).eval()  # fmt: skip
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=_clip_text_encoder(tok, seed + 1),
+        tokenizer=tok, text_encoder_2=t5, tokenizer_2=t5tok, transformer=transformer,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _pipe(name: str):
+    from diffusers import TCDScheduler
+
+    from qdiff.models.tiny import tiny_sd_pipeline
+
+    if name == "flowmatch":
+        return tiny_flux_pipeline(), {"max_sequence_length": 16}
+    if name == "tcd":
+        pipe = tiny_sd_pipeline()
+        pipe.scheduler = TCDScheduler(**SD_BETAS, timestep_spacing="leading", steps_offset=1,
+                                      original_inference_steps=50)  # fmt: skip
+        return pipe, {"eta": 0.3}  # stochastic TCD: the generator must reach step() through the wrapper
+    return tiny_sd_pipeline(scheduler=name), {}
+
+
+def _images(pipe, extra, seed=0):
+    gen = torch.Generator("cpu").manual_seed(seed)
+    out = pipe(["a red cat", "a blue house"], num_inference_steps=STEPS, generator=gen, output_type="pt",
+               guidance_scale=1.0, height=32, width=32, **extra)  # fmt: skip
+    return out.images
+
+
+@pytest.mark.parametrize("name", ["lcm", "euler_a", "euler", "tcd", "ddim", "flowmatch"])
+def test_identity_is_bit_identical_in_a_pipeline(name):
+    pipe, extra = _pipe(name)
+    plain = _images(pipe, extra)
+    apply_schedule(pipe, Schedule.identity(STEPS))
+    assert isinstance(pipe.scheduler, QSchedScheduler)
+    wrapped = _images(pipe, extra)
+    assert torch.equal(plain, wrapped)
+    apply_schedule(pipe, Schedule((0.9, 1.05), (1.03, 0.98)))
+    changed = _images(pipe, extra)
+    assert (changed - plain).abs().max() > 1e-3  # the coefficients do reach the sampler
+    apply_schedule(pipe, None)
+    assert torch.equal(_images(pipe, extra), plain)
+    assert pipe.config["scheduler"][1] == type(pipe.scheduler).__name__  # model_index keeps the real class
+
+
+def test_euler_update_matches_hand_written_loop():
+    """x_{i+1} = c_x x_i + (sigma_{i+1} - sigma_i) c_eps eps_i (Euler, epsilon prediction), in float64."""
+    from diffusers import EulerDiscreteScheduler
+
+    c_eps, c_x = (0.95, 1.02, 1.1), (1.01, 0.97, 1.0)
+    sched = QSchedScheduler(EulerDiscreteScheduler(**SD_BETAS, timestep_spacing="trailing"), Schedule(c_eps, c_x))
+    sched.set_timesteps(3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=g) * sched.init_noise_sigma
+    eps = [torch.randn(1, 4, 8, 8, generator=g) for _ in range(3)]
+    sigmas = sched.sigmas.double()
+    ref = x.double()
+    for i, t in enumerate(sched.timesteps):
+        x = sched.step(eps[i], t, x).prev_sample
+        ref = c_x[i] * ref + (sigmas[i + 1] - sigmas[i]) * c_eps[i] * eps[i].double()
+    torch.testing.assert_close(x.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_ddim_step_index_from_timestep():
+    """DDIM has no step_index; the wrapper finds the step from the timestep."""
+    from diffusers import DDIMScheduler
+
+    sched = QSchedScheduler(
+        DDIMScheduler(**SD_BETAS, timestep_spacing="trailing"), Schedule((1.0, 1.0, 1.0), (1,) * 3)
+    )
+    sched.set_timesteps(3)
+    assert [sched._index(t) for t in sched.timesteps] == [0, 1, 2]
+
+
+def test_step_count_mismatch_and_unsupported():
+    from diffusers import LCMScheduler, PNDMScheduler
+
+    sched = QSchedScheduler(LCMScheduler(**SD_BETAS), Schedule.identity(4))
+    with pytest.raises(QdiffError, match="fitted for 4 steps but the sampler runs 2"):
+        sched.set_timesteps(2)
+    with pytest.raises(QdiffError, match="does not support scheduler PNDMScheduler"):
+        QSchedScheduler(PNDMScheduler(**SD_BETAS), Schedule.identity(2))
+
+
+def test_drop_in_delegation():
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    inner = EulerAncestralDiscreteScheduler(**SD_BETAS, timestep_spacing="trailing")
+    sched = QSchedScheduler(inner, Schedule.identity(4))
+    sched.set_timesteps(4)
+    assert torch.equal(sched.timesteps, inner.timesteps)
+    assert sched.init_noise_sigma == inner.init_noise_sigma and sched.order == inner.order
+    assert sched.config is inner.config
+    x, n = torch.ones(1, 4, 2, 2), torch.zeros(1, 4, 2, 2)
+    assert torch.equal(sched.add_noise(x, n, sched.timesteps[:1]), inner.add_noise(x, n, inner.timesteps[:1]))
+    assert torch.equal(sched.scale_model_input(x, sched.timesteps[0]), inner.scale_model_input(x, inner.timesteps[0]))
+    sched.set_begin_index(0)
+    assert inner.begin_index == 0
+    assert "generator" in inspect.signature(sched.step).parameters
+    assert QSchedScheduler(sched, Schedule.identity(4)).inner is inner  # re-wrapping does not stack
+
+
+def test_schedule_validation_and_round_trip(tmp_path):
+    s = Schedule((0.9, 1.0), (1.1, 1.0), {"parameterisation": "ramp"})
+    s.save(tmp_path / "q.json")
+    back = Schedule.load(tmp_path / "q.json")
+    assert back == s and back.meta == s.meta
+    with pytest.raises(QdiffError, match="same non-zero length"):
+        Schedule((1.0,), (1.0, 1.0))
+    with pytest.raises(QdiffError, match="finite and > 0"):
+        Schedule((float("nan"),), (1.0,))
+    with pytest.raises(QdiffError, match="'steps' is 3"):
+        Schedule.from_dict({"steps": 3, "c_eps": [1.0], "c_x": [1.0]})
+
+
+def test_get_schedule():
+    from qdiff.models.tiny import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline()
+    assert get_schedule(pipe) is None
+    apply_schedule(pipe, Schedule.identity(2))
+    assert get_schedule(pipe) == Schedule.identity(2)
