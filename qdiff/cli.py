@@ -93,6 +93,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _output_folder(args) -> Path:
+    """``--out`` checked before any heavy work: not existing (unless --overwrite) and writable."""
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise QdiffError(f"output folder {out} already exists (use --overwrite to replace it)")
+    _check_writable(out)
+    return out
+
+
+def _model_spec(args, recipe) -> str:
+    spec = args.model or recipe.model
+    if not spec:
+        raise QdiffError("recipe: model: missing; pass --model PATH_OR_ID or set `model:` in the recipe")
+    return spec
+
+
 def _check_writable(out: Path) -> None:
     """Fail before any heavy work when the output's nearest existing parent is not a writable folder."""
     parent = out.absolute().parent
@@ -123,13 +139,8 @@ def cmd_quantize(args) -> int:
         from qdiff.calib.stats import CapturedStats
 
         ranges = CapturedStats.load(calib)
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise QdiffError(f"output folder {out} already exists (use --overwrite to replace it)")
-    _check_writable(out)
-    spec = args.model or recipe.model
-    if not spec:
-        raise QdiffError("recipe: model: missing; pass --model PATH_OR_ID or set `model:` in the recipe")
+    out = _output_folder(args)
+    spec = _model_spec(args, recipe)
     t0 = time.perf_counter()
     pipe = load_pipeline(spec, torch_dtype=args.dtype)
     pipe.to(args.device)
@@ -160,13 +171,8 @@ def cmd_calibrate(args) -> int:
     recipe = qdiff.Recipe.load(args.recipe)
     if args.mode:
         recipe = recipe.replace(sensitivity=dataclasses.replace(recipe.sensitivity, mode=args.mode))
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise QdiffError(f"output folder {out} already exists (use --overwrite to replace it)")
-    _check_writable(out)
-    spec = args.model or recipe.model
-    if not spec:
-        raise QdiffError("recipe: model: missing; pass --model PATH_OR_ID or set `model:` in the recipe")
+    out = _output_folder(args)
+    spec = _model_spec(args, recipe)
     pipe = load_pipeline(spec, torch_dtype=args.dtype)
     pipe.to(args.device)
     result = calibrate_to_folder(pipe, recipe, out, overwrite=args.overwrite, progress=not args.no_progress)
