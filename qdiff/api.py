@@ -12,9 +12,10 @@ from qdiff.calib.prompts import load_prompts
 from qdiff.calib.stats import CapturedStats
 from qdiff.errors import QdiffError
 from qdiff.models.adapters import find_denoiser, get_adapter
+from qdiff.models.schedulers import apply_sampler_scheduler
 from qdiff.quant.observers import make_observer
 from qdiff.quant.transform import QuantInfo, apply_specs, get_info, layer_specs, quantized_layers, set_info
-from qdiff.recipe import Recipe
+from qdiff.recipe import Recipe, TextEncoderConfig
 
 
 def as_recipe(recipe: Recipe | str | Path | None) -> Recipe:
@@ -52,6 +53,11 @@ def quantize(
     if get_info(den) is not None or quantized_layers(den):
         raise QdiffError("pipeline is already quantized; load the float model again to quantize it differently")
     adapter = get_adapter(den)
+    apply_sampler_scheduler(pipe, recipe.sampler)  # recipe's scheduler choice; saved with the export
+    if recipe.text_encoders != TextEncoderConfig():  # optional; before calibration so the denoiser sees it
+        from qdiff.quant.text_encoders import quantize_text_encoders
+
+        quantize_text_encoders(pipe, recipe.text_encoders)
     specs = layer_specs(adapter.layers(den), recipe, plan)
     if not specs:
         raise QdiffError("nothing to quantize: the recipe/plan selects no layer of this model")

@@ -32,6 +32,8 @@ WEIGHT_METHODS = ("minmax", "mse")
 ACT_MODES = ("dynamic", "static")
 OBSERVERS = ("minmax", "ema", "percentile", "mse")
 KERNELS = ("auto", "triton", "torch")
+SCHEDULER_NAMES = ("euler_a", "euler", "lcm", "tcd", "flow_euler", "ddim")  # see qdiff.models.schedulers
+TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
 
 
 def _fail(path: str, msg: str) -> QdiffError:
@@ -106,12 +108,18 @@ class SamplerConfig:
     height: int | None = None  # None = the pipeline's default resolution
     width: int | None = None
     seed: int = 0
+    scheduler: str | None = None  # None = the pipeline's own; else swapped in (and saved with the export)
+    timestep_spacing: str | None = None  # with scheduler: trailing | leading | linspace (None = its config's)
 
     def __post_init__(self) -> None:
         self.validate("sampler")
 
     def validate(self, path: str) -> None:
         _positive(f"{path}.steps", self.steps)
+        if self.scheduler is not None:
+            _choice(f"{path}.scheduler", self.scheduler, SCHEDULER_NAMES)
+        if self.timestep_spacing is not None:
+            _choice(f"{path}.timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
         _positive(f"{path}.guidance_scale", self.guidance_scale, allow_zero=True)
         for name in ("height", "width"):
             value = getattr(self, name)
@@ -258,6 +266,29 @@ class QSchedConfig:
             raise _fail(f"{path}.optimiser", "grid searches the 2-value ramp only; use cmaes or coordinate")
 
 
+TEXT_CLIP_MODES = ("none", "w8a8")
+TEXT_T5_MODES = ("none", "nf4", "int8")
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """Optional text-encoder quantization (``qdiff.quant.text_encoders``), saved with the export.
+
+    ``clip: w8a8``: qdiff's per-channel W8 / per-token dynamic A8 on every encoder Linear, BOS-aware (token 0
+    skips the activation quantizer). ``t5: nf4 | int8``: bitsandbytes weight-only (optional extra ``qdiff[bnb]``).
+    """
+
+    clip: str = "none"  # none | w8a8
+    t5: str = "none"  # none | nf4 | int8
+
+    def __post_init__(self) -> None:
+        self.validate("text_encoders")
+
+    def validate(self, path: str) -> None:
+        _choice(f"{path}.clip", self.clip, TEXT_CLIP_MODES)
+        _choice(f"{path}.t5", self.t5, TEXT_T5_MODES)
+
+
 @dataclass(frozen=True)
 class Recipe:
     """How to quantize a pipeline. Load with :meth:`Recipe.load` (name or path) or build in Python."""
@@ -271,6 +302,7 @@ class Recipe:
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     qsched: QSchedConfig = field(default_factory=QSchedConfig)
+    text_encoders: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     bos_aware: bool = False  # cross-attention K/V: token 0 skips the activation quantizer, FP weights (MixDQ)
     skip: tuple[str, ...] = ()  # extra layer-name patterns (fnmatch) kept in full precision
     quantize_protected: bool = False  # also quantize the adapter's protected layers (conv_in, conv_out, ...)

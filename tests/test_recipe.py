@@ -10,8 +10,16 @@ import yaml
 from qdiff.errors import QdiffError
 from qdiff.recipe import ActivationConfig, Recipe, WeightConfig, bundled_recipes
 
+FAMILY_RECIPES = [
+    "sdxl-turbo-w8a8", "sdxl-turbo-w4a8", "sdxl-turbo-1step-w8a8", "sdxl-turbo-1step-w4a8", "sd-turbo-w8a8",
+    "sd-turbo-w4a8", "lcm-dreamshaper-w8a8", "lcm-dreamshaper-w4a8", "pcm-sdxl-w8a8", "pcm-sdxl-w4a8",
+    "pixart-lcm-w8a8", "pixart-lcm-w4a8", "flux-schnell-w4a8",
+]  # fmt: skip
 
-@pytest.mark.parametrize("name", ["w8a8", "w4a8", "w8a8-static", "mixdq-w8a8", "mixdq-w4a8", "mixdq-w3.66a16"])
+
+@pytest.mark.parametrize(
+    "name", ["w8a8", "w4a8", "w8a8-static", "mixdq-w8a8", "mixdq-w4a8", "mixdq-w3.66a16", *FAMILY_RECIPES]
+)
 def test_bundled_recipes_load_and_round_trip(name, tmp_path):
     recipe = Recipe.load(name)
     assert recipe.name == name

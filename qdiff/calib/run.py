@@ -24,6 +24,7 @@ from qdiff.calib.sensitivity import analyze
 from qdiff.calib.stats import STATS_JSON, CapturedStats, write_text_atomic
 from qdiff.calib.table import SensitivityTable
 from qdiff.models.adapters import find_denoiser, get_adapter
+from qdiff.models.schedulers import apply_sampler_scheduler
 from qdiff.recipe import Recipe
 
 JOURNAL = "sensitivity.jsonl"
@@ -86,6 +87,8 @@ def calibrate(
     work = Path(work_dir) if work_dir is not None else None
     _, den = find_denoiser(pipe)
     adapter = get_adapter(den)
+    if apply_sampler_scheduler(pipe, recipe.sampler):
+        say(f"scheduler: {type(pipe.scheduler).__name__} (recipe sampler.scheduler)")
     say(f"recipe {recipe.name}: sensitivity {recipe.sensitivity.mode}, budget W{recipe.allocation.w_budget:g}"
         f"A{recipe.allocation.a_budget:g}, joint={recipe.allocation.joint}, bos_aware={recipe.bos_aware}")  # fmt: skip
     t = time.perf_counter()

@@ -93,12 +93,14 @@ def load_export(path: str | Path, device: str | torch.device | None = None):
     from diffusers import DiffusionPipeline
 
     from qdiff.models.resolve import as_torch_dtype, dtype_kwargs
+    from qdiff.quant.text_encoders import load_text_encoders
 
     attr = manifest["denoiser"]["attr"]
     dtype = dtype_kwargs(as_torch_dtype(manifest.get("torch_dtype", "float32")))
+    encoders = load_text_encoders(folder, manifest)  # W8A8 CLIP encoders (optional manifest field)
     try:
         pipe = DiffusionPipeline.from_pretrained(
-            str(folder), **{attr: den}, local_files_only=True, use_safetensors=True, **dtype
+            str(folder), **{attr: den}, **encoders, local_files_only=True, use_safetensors=True, **dtype
         )
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -69,8 +69,14 @@ def _schedule(pipe) -> dict | None:
 
 
 def _write(pipe, attr: str, den, info, tmp: Path) -> None:
+    from qdiff.quant.text_encoders import TEXT_ENCODER_ATTRS, save_text_encoder, text_encoder_mode
+
+    text_encoders = {}  # quantized text encoders (recipe text_encoders section): manifest entries
     for name, component in pipe.components.items():
         if component is None or name == attr:
+            continue
+        if name in TEXT_ENCODER_ATTRS and isinstance(component, torch.nn.Module) and text_encoder_mode(component):
+            text_encoders[name] = save_text_encoder(component, tmp / name, name)
             continue
         if hasattr(component, "save_pretrained"):
             kwargs = {"safe_serialization": True} if isinstance(component, torch.nn.Module) else {}
@@ -104,6 +110,7 @@ def _write(pipe, attr: str, den, info, tmp: Path) -> None:
             }
             for name, m in layers.items()
         },
+        **({"text_encoders": text_encoders} if text_encoders else {}),  # optional field
         "schedule": _schedule(pipe),  # Q-Sched coefficients (also in scheduler/qsched.json), or None
         "files": hash_tree(tmp),
     }

@@ -176,7 +176,37 @@ class FluxAdapter(Adapter):
         return len(parts) >= 2 and parts[-2] == "attn" and parts[-1] in ("add_k_proj", "add_v_proj")
 
 
-ADAPTERS: tuple[Adapter, ...] = (UNetAdapter(), PixArtAdapter(), FluxAdapter())
+class SD3Adapter(Adapter):
+    """SD3Transformer2DModel (SD3 / SD3.5 MM-DiT): joint attention over an image and a text stream.
+
+    Content: the text stream's attention projections (``add_q_proj``/``add_k_proj``/``add_v_proj`` and its output
+    ``to_add_out``) and the feed-forwards ``ff``/``ff_context``; the image stream's ``to_q/k/v``/``to_out`` and the
+    SD3.5 image-only ``attn2`` are quality. The text-stream K/V (``add_k_proj``/``add_v_proj``) play the role of
+    cross-attention K/V.
+    """
+
+    family = "sd3"
+    denoiser_attr = "transformer"
+    class_names = ("SD3Transformer2DModel",)
+
+    def group_of(self, name: str) -> str:
+        parts = _parts(name)
+        if "ff" in parts or "ff_context" in parts:
+            return CONTENT
+        if len(parts) >= 2 and parts[-2] == "attn" and parts[-1] in ("add_q_proj", "add_k_proj", "add_v_proj",
+                                                                     "to_add_out"):  # fmt: skip
+            return CONTENT
+        return QUALITY
+
+    def is_protected(self, name: str) -> bool:
+        return name in ("pos_embed.proj", "context_embedder", "proj_out")
+
+    def is_cross_attention_kv(self, name: str) -> bool:
+        parts = _parts(name)
+        return len(parts) >= 2 and parts[-2] == "attn" and parts[-1] in ("add_k_proj", "add_v_proj")
+
+
+ADAPTERS: tuple[Adapter, ...] = (UNetAdapter(), PixArtAdapter(), FluxAdapter(), SD3Adapter())
 
 _DENOISER_ATTRS = ("unet", "transformer")
 

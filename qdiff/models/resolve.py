@@ -28,6 +28,14 @@ BUILTINS: Mapping[str, str] = MappingProxyType(
         "tiny-sd": "qdiff.models.tiny:tiny_sd_pipeline",
         "tiny-sdxl": "qdiff.models.tiny:tiny_sdxl_pipeline",
         "tiny-pixart": "qdiff.models.tiny:tiny_pixart_pipeline",
+        # the real few-step families at toy widths (qdiff/models/tiny_families.py)
+        "tiny-sdxl-turbo": "qdiff.models.tiny_families:tiny_sdxl_turbo_pipeline",
+        "tiny-sd-turbo": "qdiff.models.tiny_families:tiny_sd_turbo_pipeline",
+        "tiny-lcm-dreamshaper": "qdiff.models.tiny_families:tiny_lcm_dreamshaper_pipeline",
+        "tiny-pcm-sdxl": "qdiff.models.tiny_families:tiny_pcm_sdxl_pipeline",
+        "tiny-pixart-lcm": "qdiff.models.tiny_families:tiny_pixart_lcm_pipeline",
+        "tiny-flux-schnell": "qdiff.models.tiny_families:tiny_flux_schnell_pipeline",
+        "tiny-sd3": "qdiff.models.tiny_families:tiny_sd3_pipeline",
     }
 )
 
@@ -105,12 +113,16 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
-def load_pipeline(spec: str, torch_dtype=None, *, cache_dir: str | Path | None = None):
+def load_pipeline(
+    spec: str, torch_dtype=None, *, cache_dir: str | Path | None = None, config: str | Path | None = None
+):
     """Load a pipeline from ``builtin:<name>``, a local folder, or a hub id already in the local cache.
 
     ``torch_dtype`` (``torch.float16`` or a name: ``"float16"``, ``"bf16"``, ...) is applied to builtins and
     diffusers folders; a qdiff export keeps the dtypes it was saved with. Nothing is ever downloaded and
-    nothing is unpickled. ``cache_dir`` overrides the Hugging Face hub cache folder for hub ids.
+    nothing is unpickled. ``cache_dir`` overrides the Hugging Face hub cache folder for hub ids. A ``.safetensors``
+    single-file checkpoint is loaded with the pipeline configs of ``config`` (a diffusers folder) or of the
+    ``model_index.json`` beside it (``qdiff.models.single_file``).
     """
     spec = str(spec).strip()
     torch_dtype = as_torch_dtype(torch_dtype)
@@ -151,6 +163,10 @@ def load_pipeline(spec: str, torch_dtype=None, *, cache_dir: str | Path | None =
             ) from exc
 
     builtins = ", ".join(BUILTIN_PREFIX + n for n in available_builtins())
+    if path.is_file():
+        from qdiff.models.single_file import load_single_file
+
+        return load_single_file(path, config, dtype_kwargs(torch_dtype))
     if path.exists():
         raise QdiffError(
             f"model '{spec}' is a file, not a pipeline folder; pass a diffusers folder or one of {builtins}"

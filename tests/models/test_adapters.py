@@ -307,3 +307,106 @@ def test_flux_real_config_counts():
     assert by_name["transformer_blocks.0.norm1.linear"].group == "quality"
     assert by_name["single_transformer_blocks.0.norm.linear"].group == "quality"
     assert len(adapter.cross_attention_kv(den)) == 2 * 19
+
+
+SD21_UNET = dict(  # stabilityai/stable-diffusion-2-1 unet/config.json; stabilityai/sd-turbo has the same blocks
+    act_fn="silu",
+    attention_head_dim=[5, 10, 20, 20],
+    block_out_channels=[320, 640, 1280, 1280],
+    center_input_sample=False,
+    cross_attention_dim=1024,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    downsample_padding=1,
+    dual_cross_attention=False,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=4,
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    norm_eps=1e-05,
+    norm_num_groups=32,
+    out_channels=4,
+    sample_size=64,  # sd-turbo: 64 (512 px); SD 2.1: 96 (768 px)
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    upcast_attention=False,
+    use_linear_projection=True,
+)
+SD3_MEDIUM = dict(  # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json
+    attention_head_dim=64,
+    caption_projection_dim=1536,
+    in_channels=16,
+    joint_attention_dim=4096,
+    num_attention_heads=24,
+    num_layers=24,
+    out_channels=16,
+    patch_size=2,
+    pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+    sample_size=128,
+)
+
+
+def test_sd21_sd_turbo_real_config_counts():
+    den = _meta("UNet2DConditionModel", SD21_UNET)
+    infos = get_adapter(den).layers(den)
+    _check_consistent(den, infos)
+    # The SD1.5 layer list with linear proj_in/proj_out: the 32 1x1 convs of SD1.5 become Linear,
+    # 184 + 32 = 216 Linear, 98 - 32 = 66 Conv2d, 282 in all; the cross-attention K/V read 1024-wide OpenCLIP-H.
+    assert _summary(infos) == (282, 216, 66, 96, ["conv_in", "conv_out"])
+    kv = get_adapter(den).cross_attention_kv(den)
+    assert len(kv) == 32 and {den.get_submodule(n).in_features for n in kv} == {1024}
+
+
+def test_lcm_dreamshaper_real_config_counts():
+    # SimianLuo/LCM_Dreamshaper_v7: the SD1.5 UNet plus time_cond_proj_dim=256 (the guidance-scale embedding adds
+    # one Linear, time_embedding.cond_proj): 282 + 1 = 283.
+    den = _meta("UNet2DConditionModel", {**SD15_UNET, "time_cond_proj_dim": 256})
+    infos = get_adapter(den).layers(den)
+    _check_consistent(den, infos)
+    assert _summary(infos) == (283, 185, 98, 96, ["conv_in", "conv_out"])
+    assert {i.name: i for i in infos}["time_embedding.cond_proj"].in_features == 256
+
+
+def test_sd3_medium_real_config_counts():
+    from qdiff.models.adapters import SD3Adapter
+
+    den = _meta("SD3Transformer2DModel", SD3_MEDIUM)
+    adapter = get_adapter(den)
+    assert isinstance(adapter, SD3Adapter) and adapter.family == "sd3"
+    infos = adapter.layers(den)
+    _check_consistent(den, infos)
+    # 24 joint blocks: 23 x 14 Linear (norm1, norm1_context, to_q/k/v, add_q/k/v_proj, to_out.0, to_add_out,
+    # ff x2, ff_context x2) + the last block (context_pre_only: no to_add_out, no ff_context) with 11 = 333;
+    # + time_text_embed 4 + context_embedder + norm_out.linear + proj_out = 340 Linear; pos_embed.proj is the Conv2d.
+    # Content: 23 x (3 add_* + to_add_out + 2 ff + 2 ff_context) + (3 add_* + 2 ff) = 189.
+    assert _summary(infos) == (341, 340, 1, 189, ["pos_embed.proj", "context_embedder", "proj_out"])
+    by_name = {i.name: i for i in infos}
+    assert by_name["transformer_blocks.0.attn.to_q"].group == "quality"
+    assert by_name["transformer_blocks.0.attn.add_q_proj"].group == "content"
+    assert by_name["transformer_blocks.0.norm1_context.linear"].group == "quality"
+    kv = adapter.cross_attention_kv(den)
+    assert len(kv) == 2 * 24 and {by_name[n].in_features for n in kv} == {1536}  # the caption projection width
+
+
+def test_tiny_family_builtins_match_real_layer_names():
+    """Each tiny family instance has only layer names of the real architecture (the real config with the tiny
+    one's block pattern), with the same module types."""
+    from qdiff.models.resolve import load_pipeline
+
+    pairs = {
+        "tiny-sd-turbo": ("UNet2DConditionModel", SD21_UNET),
+        "tiny-lcm-dreamshaper": ("UNet2DConditionModel", {**SD15_UNET, "time_cond_proj_dim": 256}),
+        "tiny-sdxl-turbo": ("UNet2DConditionModel", SDXL_UNET),
+        "tiny-pcm-sdxl": ("UNet2DConditionModel", SDXL_UNET),
+        "tiny-pixart-lcm": ("PixArtTransformer2DModel", PIXART_1024),
+        "tiny-flux-schnell": ("FluxTransformer2DModel", FLUX_SCHNELL),
+        "tiny-sd3": ("SD3Transformer2DModel", SD3_MEDIUM),
+    }
+    for builtin, (cls, config) in pairs.items():
+        _, tiny_den = find_denoiser(load_pipeline(f"builtin:{builtin}"))
+        real = _meta(cls, config)
+        real_kinds = {i.name: (i.kind, i.group, i.protected) for i in get_adapter(real).layers(real)}
+        tiny_infos = get_adapter(tiny_den).layers(tiny_den)
+        assert type(tiny_den).__name__ == cls
+        for info in tiny_infos:
+            assert real_kinds.get(info.name) == (info.kind, info.group, info.protected), (builtin, info.name)

@@ -85,7 +85,8 @@ def test_missing_folder():
 
 def test_file_and_non_pipeline_folder(tmp_path):
     (tmp_path / "weights.safetensors").write_bytes(b"x")
-    assert "is a file" in _error(str(tmp_path / "weights.safetensors"))
+    # a file is a single-file checkpoint: without configs it asks for --config (tests/models/test_single_file.py)
+    assert "needs the pipeline configs: pass --config FOLDER" in _error(str(tmp_path / "weights.safetensors"))
     assert "model_index.json" in _error(str(tmp_path))
 
 

@@ -16,35 +16,9 @@ STEPS = 2
 
 def tiny_flux_pipeline(seed: int = 0):
     """A tiny FLUX.1-shaped pipeline (FlowMatchEulerDiscreteScheduler) with random weights, built offline."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import T5Config, T5EncoderModel
+    from qdiff.models.tiny_families import tiny_flux_schnell_pipeline
 
-    from qdiff.models.tiny import TINY_WORDS, _clip_text_encoder, build_t5_tokenizer
-    from qdiff.models.tokenizer import build_clip_tokenizer
-
-    tok, t5tok = build_clip_tokenizer(TINY_WORDS), build_t5_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        t5 = T5EncoderModel(T5Config(
-            vocab_size=len(t5tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4,
-            relative_attention_num_buckets=8, dropout_rate=0.0, feed_forward_proj="gated-gelu",
-            is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
-        )).eval()  # fmt: skip
-        transformer = FluxTransformer2DModel(
-            patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
-        ).eval()  # fmt: skip
-        vae = AutoencoderKL(
-            sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-            latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-            shift_factor=0.0609, scaling_factor=1.5035,
-        ).eval()  # fmt: skip
-    pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=_clip_text_encoder(tok, seed + 1),
-        tokenizer=tok, text_encoder_2=t5, tokenizer_2=t5tok, transformer=transformer,
-    )  # fmt: skip
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_flux_schnell_pipeline(seed)
 
 
 def _pipe(name: str):
