@@ -28,6 +28,7 @@ BUILTINS: Mapping[str, str] = MappingProxyType(
         "tiny-sd": "qdiff.models.tiny:tiny_sd_pipeline",
         "tiny-sdxl": "qdiff.models.tiny:tiny_sdxl_pipeline",
         "tiny-pixart": "qdiff.models.tiny:tiny_pixart_pipeline",
+        "shapes": "qdiff.models.shapes.pipeline:shapes_pipeline",
         # the real few-step families at toy widths (qdiff/models/tiny_families.py)
         "tiny-sdxl-turbo": "qdiff.models.tiny_families:tiny_sdxl_turbo_pipeline",
         "tiny-sd-turbo": "qdiff.models.tiny_families:tiny_sd_turbo_pipeline",
