@@ -116,6 +116,7 @@ def prepare(
     raw_acc: bool,
     tile: Tile | None,
     out: torch.Tensor | None = None,
+    packed4: bool = False,
 ) -> GemmArgs:
     """Check shapes/dtypes, allocate the output and pick the tile for an (M, K) x (N, K)^T integer GEMM."""
     if qa.dim() != 2 or qa.dtype != torch.int8 or qa.shape[1] != k:
@@ -139,7 +140,7 @@ def prepare(
         got = None if w_sum is None else tuple(w_sum.shape)
         raise ValueError(f"a_zp needs w_sum int32 {sums_shape} (weight code sums), got {got}")
     if tile is None:
-        tile = pick_tile(m, n, group_k or None, interpreting())
+        tile = pick_tile(m, n, group_k or None, interpreting(), packed4)
     elif group_k and group_k % tile.block_k:
         raise ValueError(f"tile.block_k={tile.block_k} must divide group_size={group_k}")
     want = (m, n, torch.int32 if raw_acc else out_dtype, dev)

@@ -55,7 +55,7 @@ def _w4a8_kernel(
             j_ok = (k0 // 2 + offs_j) < KP
             a = tl.load(a_ptrs, mask=m_ok & k_ok[None, :], other=0)
             w = _unpack_int4(tl.load(w_ptrs, mask=(offs_n < N)[:, None] & j_ok[None, :], other=0), BLOCK_K)
-            acc_total = tl.dot(a, w, acc_total)
+            acc_total = tl.dot(a, w, acc_total, out_dtype=tl.int32)
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += (BLOCK_K // 2) * stride_wk
         acc_total = fold_zero_point(acc_total, zp_ptr, w_sum_ptr, offs_n, 0, stride_wsn, stride_wsg, N, HAS_ZP)
@@ -68,7 +68,7 @@ def _w4a8_kernel(
                 j_ok = ((g0 + kk) // 2 + offs_j) < KP
                 a = tl.load(a_ptrs, mask=m_ok & k_ok[None, :], other=0)
                 w = _unpack_int4(tl.load(w_ptrs, mask=(offs_n < N)[:, None] & j_ok[None, :], other=0), BLOCK_K)
-                acc = tl.dot(a, w, acc)
+                acc = tl.dot(a, w, acc, out_dtype=tl.int32)
                 a_ptrs += BLOCK_K * stride_ak
                 w_ptrs += (BLOCK_K // 2) * stride_wk
             g = g0 // GROUP_K
@@ -113,6 +113,6 @@ def gemm_w4a8(
     n = qw.shape[0]
     args = prepare(
         qa, n, k, a_scale, w_scale, bias=bias, w_sum=w_sum, a_zp=a_zp, group_size=group_size,
-        out_dtype=out_dtype, raw_acc=raw_acc, tile=tile, out=out,
+        out_dtype=out_dtype, raw_acc=raw_acc, tile=tile, out=out, packed4=True,
     )  # fmt: skip
     return launch(_w4a8_kernel, args, qa, qw, n, k, raw_acc)

@@ -39,7 +39,7 @@ def _w8a8_kernel(
             k_ok = (k0 + offs_k) < K
             a = tl.load(a_ptrs, mask=m_ok & k_ok[None, :], other=0)
             w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok, other=0)
-            acc_total = tl.dot(a, w, acc_total)
+            acc_total = tl.dot(a, w, acc_total, out_dtype=tl.int32)
             a_ptrs += BLOCK_K * stride_ak
             w_ptrs += BLOCK_K * stride_wk
         acc_total = fold_zero_point(acc_total, zp_ptr, w_sum_ptr, offs_n, 0, stride_wsn, stride_wsg, N, HAS_ZP)
@@ -51,7 +51,7 @@ def _w8a8_kernel(
                 k_ok = (g0 + kk + offs_k) < K
                 a = tl.load(a_ptrs, mask=m_ok & k_ok[None, :], other=0)
                 w = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok, other=0)
-                acc = tl.dot(a, w, acc)
+                acc = tl.dot(a, w, acc, out_dtype=tl.int32)
                 a_ptrs += BLOCK_K * stride_ak
                 w_ptrs += BLOCK_K * stride_wk
             g = g0 // GROUP_K

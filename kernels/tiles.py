@@ -36,12 +36,24 @@ class Tile:
 # (measured here: 128x256x256 took 1.5 s with 32^3 blocks, 0.06 s with 128x128x64).
 INTERPRETER_TILE = Tile(128, 128, 64, group_m=4, num_warps=1, num_stages=1)
 
-# GPU candidates (not yet tuned on a card; see docs/benchmarks.md). Rules are tried in order: the first
-# whose max_m / max_n bound the shape wins. Int8 wgmma/mma wants block_k >= 32 and 4-8 warps.
+# GPU rules, from `qdiff bench kernels --sweep` on an NVIDIA H200 (triton 3.6, M=4096; docs/bench-kernels-H200.md).
+# Tried in order: the first whose max_m / max_n bound the shape wins. W8A8: 128x128x128 with 8 warps was fastest
+# or within 5% on every shape but N=640/1280 (where 64x128x128 / 128x128x64 with 4 warps won by <10%);
+# W4A8 (in-kernel int4 unpack): 256x128x128 with 8 warps was fastest on every shape. M <= 64 is not measured.
 GPU_RULES: tuple[tuple[int, int, Tile], ...] = (
-    (64, 1 << 30, Tile(64, 128, 128, group_m=8, num_warps=4, num_stages=4)),  # few tokens
-    (1 << 30, 1024, Tile(128, 128, 64, group_m=8, num_warps=4, num_stages=4)),  # K=N=640-class layers
-    (1 << 30, 1 << 30, Tile(128, 256, 128, group_m=8, num_warps=8, num_stages=3)),  # FLUX / FF layers
+    (64, 1 << 30, Tile(64, 128, 128, group_m=8, num_warps=4, num_stages=4)),  # few tokens (untuned)
+    (1 << 30, 1280, Tile(128, 128, 64, group_m=8, num_warps=4, num_stages=4)),  # N <= 1280 (SDXL attention)
+    (1 << 30, 1 << 30, Tile(128, 128, 128, group_m=8, num_warps=8, num_stages=3)),  # FF / FLUX layers
+)
+GPU_RULES_W4: tuple[tuple[int, int, Tile], ...] = (
+    (64, 1 << 30, Tile(64, 128, 128, group_m=8, num_warps=4, num_stages=4)),  # few tokens (untuned)
+    (1 << 30, 1 << 30, Tile(256, 128, 128, group_m=8, num_warps=8, num_stages=3)),
+)
+# Group-wise W4A8 (the sweep timed per-channel only): 128x256x128 measured 2.21 ms on FLUX FF g=128 and
+# 256x128x128 2.57 ms, so group-wise keeps the wider-N tile.
+GPU_RULES_W4_GROUP: tuple[tuple[int, int, Tile], ...] = (
+    (64, 1 << 30, Tile(64, 128, 128, group_m=8, num_warps=4, num_stages=4)),  # few tokens (untuned)
+    (1 << 30, 1 << 30, Tile(128, 256, 128, group_m=8, num_warps=8, num_stages=3)),
 )
 
 # Everything `--sweep` tries on a GPU.
@@ -74,11 +86,12 @@ def fit_group(tile: Tile, group_size: int | None) -> Tile:
     return tile.with_block_k(bk)
 
 
-def pick_tile(m: int, n: int, group_size: int | None, interpreter: bool) -> Tile:
-    """Tile for an (M, K) x (N, K)^T GEMM; ``block_k`` always divides ``group_size`` when one is given."""
+def pick_tile(m: int, n: int, group_size: int | None, interpreter: bool, packed4: bool = False) -> Tile:
+    """Tile for an (M, K) x (N, K)^T GEMM (``packed4``: the W4A8 kernel); ``block_k`` divides ``group_size``."""
     if interpreter:
         return fit_group(INTERPRETER_TILE, group_size)
-    for max_m, max_n, tile in GPU_RULES:
+    rules = (GPU_RULES_W4_GROUP if group_size else GPU_RULES_W4) if packed4 else GPU_RULES
+    for max_m, max_n, tile in rules:
         if m <= max_m and n <= max_n:
             return fit_group(tile, group_size)
-    return fit_group(GPU_RULES[-1][2], group_size)
+    return fit_group(rules[-1][2], group_size)

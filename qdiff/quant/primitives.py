@@ -81,11 +81,13 @@ def compute_qparams(
     qmin, qmax = qrange(bits, symmetric)
     mn, mx = torch.broadcast_tensors(min_val.detach().float(), max_val.detach().float())
     if symmetric:
-        scale = (torch.maximum(mn.abs(), mx.abs()) / qmax).clamp_min(eps)
+        # divide by a same-device tensor, not a Python number: CUDA torch turns division by a scalar into a
+        # multiply by its reciprocal (1 ulp off at times), which would make CPU, CUDA and the Triton kernels differ
+        scale = (torch.maximum(mn.abs(), mx.abs()) / torch.full_like(mn, float(qmax))).clamp_min(eps)
         return scale, torch.zeros_like(scale, dtype=torch.int32)
     mn = mn.clamp_max(0.0)
     mx = mx.clamp_min(0.0)
-    scale = ((mx - mn) / float(qmax - qmin)).clamp_min(eps)
+    scale = ((mx - mn) / torch.full_like(mn, float(qmax - qmin))).clamp_min(eps)
     zero_point = (qmin - torch.round(mn / scale)).clamp(qmin, qmax).to(torch.int32)
     return scale, zero_point
 
