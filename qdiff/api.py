@@ -14,6 +14,7 @@ from qdiff.errors import QdiffError
 from qdiff.models.adapters import find_denoiser, get_adapter
 from qdiff.models.schedulers import apply_sampler_scheduler
 from qdiff.quant.observers import make_observer
+from qdiff.quant.split import SplitObserver, part_keys
 from qdiff.quant.transform import QuantInfo, apply_specs, get_info, layer_specs, quantized_layers, set_info
 from qdiff.recipe import Recipe, TextEncoderConfig
 
@@ -101,7 +102,16 @@ def _static_from_ranges(layers: dict, recipe: Recipe, ranges: CapturedStats) -> 
         bos = name in set(ranges.meta.get("bos_layers", ()))
         if bos != hasattr(layer, "bos_mode"):
             raise QdiffError(f"captured ranges for {name!r} were taken with bos_aware={bos}; the recipe differs")
-        layer.set_act_qparams(*stats.qparams(act.observer, layer.qcfg.a_bits, False, act.percentile))
+        parts = [stats]
+        if layer.qcfg.split_act:  # one range per part (Q-Diffusion shortcut splitting)
+            if (ranges.meta.get("split_layers") or {}).get(name) != layer.qcfg.a_split:
+                raise QdiffError(
+                    f"captured ranges have no per-part statistics for split layer {name!r}; run qdiff calibrate "
+                    "again (activations.split_skip: true) or set activations.split_skip: false"
+                )
+            parts = [ranges.layers[key] for key in part_keys(name)]
+        qparams = [st.qparams(act.observer, layer.qcfg.a_bits, False, act.percentile) for st in parts]
+        layer.set_act_qparams([q[0] for q in qparams], [q[1] for q in qparams])
 
 
 def _calibrate_static(pipe, layers: dict, recipe: Recipe, prompts: list[str] | None, progress: bool) -> None:
@@ -111,7 +121,14 @@ def _calibrate_static(pipe, layers: dict, recipe: Recipe, prompts: list[str] | N
     kwargs = {"momentum": act.momentum} if act.observer == "ema" else {}
     if act.observer == "percentile":
         kwargs = {"percentile": act.percentile}
-    with observing(layers, lambda _: make_observer(act.observer, **kwargs)) as observers:
+
+    def make(name: str):  # split layers: one observer per input part
+        q = layers[name].qcfg
+        if not q.split_act:
+            return make_observer(act.observer, **kwargs)
+        return SplitObserver((make_observer(act.observer, **kwargs), make_observer(act.observer, **kwargs)), q.a_split)
+
+    with observing(layers, make) as observers:
         run_sampler(pipe, prompts, recipe.sampler, cal.batch_size, progress, desc="calibrating activations")
     for name, layer in layers.items():
         obs = observers[name]

@@ -225,23 +225,82 @@ def conv2d_int(
         return F.conv2d(x, w, b, stride=stride, padding=padding, dilation=dilation)
     qa, sa = _conv_act(x, a_bits, a_mode, a_scale, a_zp)
     a_abs, w_abs = _act_abs_max(a_bits, a_mode), qrange(w_bits, True)[1]
+    geometry = (stride, padding, dilation, group_size)
+    y = _conv_int_weighted(qa, qw.reshape(weight_shape), w_scale, geometry, a_abs, w_abs) * sa.float()
+    if bias is not None:
+        y = y + bias.float().reshape(1, n, 1, 1)
+    return y.to(out_dtype)
+
+
+def _conv_int_weighted(qa: Tensor, qw: Tensor, w_scale: Tensor, geometry: tuple, a_abs: int, w_abs: int) -> Tensor:
+    """Exact integer conv of ``qa`` (B, C, H, W) with codes ``qw`` (N, C, kh, kw), times the weight scales (fp32).
+
+    ``geometry`` = (stride, padding, dilation, group_size); the activation scale is not applied.
+    """
+    stride, padding, dilation, group_size = geometry
+    n, c, kh, kw = qw.shape
+    k = c * kh * kw
     if group_size is None or w_scale.shape[1] == 1:
         dtype = _exact_dtype(k, a_abs, w_abs, qa.device)
-        acc = F.conv2d(
-            qa.to(dtype), qw.to(dtype).reshape(weight_shape), stride=stride, padding=padding, dilation=dilation
-        )
-        y = acc.float() * w_scale.reshape(1, -1, 1, 1).float()  # (N,1) per channel or (1,1) per tensor
-    else:  # group-wise weights: im2col, then one exact integer GEMM per group
-        padding = explicit_padding(padding, (kh, kw), dilation)
-        if padding is None:
-            raise QdiffError("padding='same' with an even kernel is not supported for quantized group-wise Conv2d")
-        cols = F.unfold(qa, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, K, L)
-        b, _, length = cols.shape
-        out_h, out_w = _conv_out_hw(x.shape[-2:], (kh, kw), stride, padding, dilation)
-        y2d = linear_int_from_ints(cols.transpose(1, 2).reshape(-1, k), qw, w_scale, group_size, a_abs, w_abs)
-        # contiguous NCHW like F.conv2d's output (a channels-last view would change downstream float rounding)
-        y = y2d.reshape(b, length, n).transpose(1, 2).reshape(b, n, out_h, out_w).contiguous()
-    y = y * sa.float()
+        acc = F.conv2d(qa.to(dtype), qw.to(dtype), stride=stride, padding=padding, dilation=dilation)
+        return acc.float() * w_scale.reshape(1, -1, 1, 1).float()  # (N,1) per channel or (1,1) per tensor
+    # group-wise weights: im2col, then one exact integer GEMM per group
+    padding = explicit_padding(padding, (kh, kw), dilation)
+    if padding is None:
+        raise QdiffError("padding='same' with an even kernel is not supported for quantized group-wise Conv2d")
+    cols = F.unfold(qa, (kh, kw), dilation=dilation, padding=padding, stride=stride)  # (B, K, L)
+    b, _, length = cols.shape
+    out_h, out_w = _conv_out_hw(qa.shape[-2:], (kh, kw), stride, padding, dilation)
+    cols2d = cols.transpose(1, 2).reshape(-1, k)  # (B*L, K)
+    y2d = linear_int_from_ints(cols2d, qw.reshape(n, k), w_scale, group_size, a_abs, w_abs)
+    # contiguous NCHW like F.conv2d's output (a channels-last view would change downstream float rounding)
+    return y2d.reshape(b, length, n).transpose(1, 2).reshape(b, n, out_h, out_w).contiguous()
+
+
+def conv2d_int_split(
+    x: Tensor,
+    qweight: Tensor,
+    w_scale: Tensor,
+    *,
+    split: int,
+    w_bits: int,
+    weight_shape: tuple[int, int, int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int] | str,
+    dilation: tuple[int, int],
+    group_size: int | None,
+    bias: Tensor | None,
+    a_bits: int,
+    a_mode: str,
+    a_scale: Tensor | None = None,
+    a_zp: Tensor | None = None,
+) -> Tensor:
+    """Frozen Conv2d whose input channels ``[0, split)`` and ``[split, C)`` have separate activation quantizers.
+
+    Q-Diffusion's shortcut splitting (Li et al., ICCV 2023): ``y = s1 * conv(q1, W[:, :split]) +
+    s2 * conv(q2, W[:, split:]) + b`` with each part quantized like :func:`conv2d_int` (static: ``a_scale`` /
+    ``a_zp`` of shape (2,), one per part; dynamic: per sample and part). Weights keep their scales over all
+    input channels. Torch reference only, whatever the kernel preference: no Triton kernel takes two
+    activation scales.
+    """
+    out_dtype = x.dtype
+    n, c, kh, kw = weight_shape
+    qw = unpack_weight(qweight, w_bits, c * kh * kw).reshape(weight_shape)  # (N, C, kh, kw) int8
+    a_abs, w_abs = _act_abs_max(a_bits, a_mode), qrange(w_bits, True)[1]
+    geometry = (stride, padding, dilation, group_size)
+    grouped = group_size is not None and w_scale.shape[1] > 1
+    y = None
+    for part, (lo, hi) in enumerate(((0, split), (split, c))):
+        scale = None if a_scale is None else a_scale.reshape(2)[part]
+        zp = None if a_zp is None else a_zp.reshape(2)[part]
+        qa, sa = _conv_act(x[:, lo:hi], a_bits, a_mode, scale, zp)  # (B, hi-lo, H, W)
+        if grouped:  # a weight group may straddle the split: zero the other part's channels instead of slicing
+            full = qa.new_zeros(qa.shape[0], c, *qa.shape[2:])
+            full[:, lo:hi] = qa
+            acc = _conv_int_weighted(full, qw, w_scale, geometry, a_abs, w_abs)
+        else:
+            acc = _conv_int_weighted(qa, qw[:, lo:hi], w_scale, geometry, a_abs, w_abs)
+        y = acc * sa.float() if y is None else y + acc * sa.float()
     if bias is not None:
         y = y + bias.float().reshape(1, n, 1, 1)
     return y.to(out_dtype)
@@ -280,5 +339,6 @@ __all__ = [
     "weight_sums",
     "linear_int",
     "conv2d_int",
+    "conv2d_int_split",
     "int_gemm",
 ]

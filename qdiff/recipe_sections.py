@@ -65,6 +65,9 @@ class ActivationConfig:
 
     ``dynamic``: symmetric per-token ranges computed on the fly (per-tensor for Conv2d).
     ``static``: asymmetric per-tensor ranges calibrated by running the sampler (MixDQ).
+    ``split_skip``: with static activations, layers whose input concatenates two tensors (UNet up-block
+    ``cat([up, skip])``) get one activation quantizer per part (Q-Diffusion's shortcut splitting). Dynamic
+    activations are not split (their per-sample scales adapt already, and split layers have no Triton kernel).
     """
 
     bits: int = 8
@@ -72,6 +75,7 @@ class ActivationConfig:
     observer: str = "ema"  # static mode only: minmax | ema | percentile | mse
     momentum: float = 0.95  # EMA momentum (MixDQ uses 0.95)
     percentile: float = 99.99
+    split_skip: bool = True  # separate quantizers for the up-path and skip parts of a concatenated input
 
     def __post_init__(self) -> None:
         self.validate("activations")

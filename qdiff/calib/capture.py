@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from qdiff.calib.stats import CapturedStats, LayerStats
 from qdiff.quant.modules import QuantLayer
 from qdiff.quant.observers import Observer
+from qdiff.quant.split import part_keys, split_parts
 from qdiff.recipe import SamplerConfig
 
 
@@ -128,14 +129,19 @@ def capturing(
     bos_layers: Collection[str] = (),
     cache_inputs: Collection[str] = (),
     cache_denoiser: bool = False,
+    splits: Mapping[str, int] | None = None,
 ) -> Iterator[Capture]:
     """Record the input statistics of ``layers`` at every denoiser call; all hooks are removed on exit.
 
     ``bos_layers``: token 0 of their input is excluded (BOS-aware K/V). ``cache_inputs``: layers whose raw
     inputs are also kept (CPU). ``cache_denoiser``: keep every denoiser call's inputs and output (CPU).
+    ``splits``: layer -> input channel where the second part starts; those layers also get statistics of each
+    part under :func:`qdiff.quant.split.part_keys` (the whole input stays under the layer's name).
     Call ``capture.new_call()`` before each pipeline call (``run_sampler(on_batch=...)`` does).
     """
+    splits = {n: s for n, s in (splits or {}).items() if n in layers}
     cap = Capture({name: LayerStats(bins, momentum) for name in layers})
+    cap.stats.update({key: LayerStats(bins, momentum) for name in splits for key in part_keys(name)})
     bos, cache = set(bos_layers), set(cache_inputs)
     handles = []
 
@@ -147,9 +153,13 @@ def capturing(
             x = raw = args[0]
             if name in bos:
                 x = drop_bos(x)
-            st = cap.stats[name]
-            st.update(x, max(cap.step, 0))
-            st.numel_per_sample = max(st.numel_per_sample, x.numel() // max(1, x.shape[0]))
+            pieces = [(name, x)]
+            if name in splits:
+                pieces += list(zip(part_keys(name), split_parts(x, splits[name])))
+            for key, piece in pieces:
+                st = cap.stats[key]
+                st.update(piece, max(cap.step, 0))
+                st.numel_per_sample = max(st.numel_per_sample, piece.numel() // max(1, piece.shape[0]))
             if name in cache:
                 cap.inputs.setdefault(name, []).append(raw.detach().to("cpu").clone())  # token 0 included
 
@@ -215,20 +225,26 @@ def capture_stats(
     """Run the recipe's sampler over its calibration prompts and return per-layer, per-step statistics.
 
     ``names``: layers to observe (default: every quantizable layer of the denoiser). With
-    ``recipe.bos_aware`` token 0 of the cross-attention K/V inputs is left out of their statistics.
+    ``recipe.bos_aware`` token 0 of the cross-attention K/V inputs is left out of their statistics. With
+    ``activations.split_skip`` layers with an adapter split also get per-part statistics (meta ``split_layers``).
     """
     from qdiff.calib.prompts import load_prompts
     from qdiff.models.adapters import find_denoiser, get_adapter
 
     _, den = find_denoiser(pipe)
     adapter = get_adapter(den)
+    infos = adapter.layers(den)
     if names is None:
-        names = [i.name for i in adapter.layers(den)]
+        names = [i.name for i in infos]
     layers = {n: den.get_submodule(n) for n in names}
+    split_skip = recipe.activations.split_skip
+    splits = {i.name: i.a_split for i in infos if split_skip and i.a_split and i.name in layers}
     bos = sorted(set(adapter.cross_attention_kv(den)) & set(names)) if recipe.bos_aware else []
     cal = recipe.calibration
     prompts = list(prompts or load_prompts(cal.prompts, cal.num_prompts))
-    with capturing(den, layers, bins=bins, momentum=recipe.activations.momentum, bos_layers=bos) as cap:
+    momentum = recipe.activations.momentum
+    with capturing(den, layers, bins=bins, momentum=momentum, bos_layers=bos, splits=splits) as cap:
         run_sampler(pipe, prompts, recipe.sampler, cal.batch_size, progress, "capturing ranges", cap.new_call)
-    meta = {"prompts": prompts, "sampler": recipe.to_dict()["sampler"], "bos_layers": bos, "bins": bins}
+    meta = {"prompts": prompts, "sampler": recipe.to_dict()["sampler"], "bos_layers": bos, "bins": bins,
+            "split_layers": splits}  # fmt: skip
     return cap.result(meta)

@@ -36,6 +36,7 @@ class LayerInfo:
     in_features: int  # K: Linear in_features; Conv2d in_channels * kh * kw / groups
     out_features: int  # N
     weight_numel: int
+    a_split: int | None = None  # Conv2d on a concatenation: input channel where the skip part starts
 
 
 def _parts(name: str) -> list[str]:
@@ -86,9 +87,14 @@ class Adapter:
     def is_cross_attention_kv(self, name: str) -> bool:
         return False
 
+    def act_splits(self, denoiser: nn.Module) -> dict[str, int]:
+        """Layers whose input is a channel concatenation of two differently ranged tensors: name -> split."""
+        return {}
+
     # --- derived --------------------------------------------------------------------------------------
     def layers(self, denoiser: nn.Module) -> list[LayerInfo]:
         infos = []
+        splits = self.act_splits(denoiser)
         for name, mod, kind in quantizable_modules(denoiser):
             k, n = _shape(mod, kind)
             infos.append(
@@ -100,6 +106,7 @@ class Adapter:
                     in_features=k,
                     out_features=n,
                     weight_numel=int(mod.weight.numel()),
+                    a_split=splits.get(name),
                 )
             )
         return infos
@@ -128,6 +135,49 @@ class UNetAdapter(Adapter):
     def is_cross_attention_kv(self, name: str) -> bool:
         parts = _parts(name)
         return len(parts) >= 2 and parts[-2] == "attn2" and parts[-1] in ("to_k", "to_v")
+
+    def act_splits(self, denoiser: nn.Module) -> dict[str, int]:
+        """``up_blocks.{i}.resnets.{j}.conv1`` / ``.conv_shortcut`` -> up-path channels of ``cat([up, skip])``.
+
+        Derived from the config as UNet2DConditionModel builds its up blocks: block ``i`` has
+        ``prev_output_channel`` (the previous block's output), ``output_channel`` and ``input_channel`` (the
+        next-shallower width); resnet ``j`` of ``n`` takes ``prev_output_channel`` (j = 0) or ``output_channel``
+        from the up path and a skip of ``input_channel`` (j = n - 1) or ``output_channel`` channels. A layer whose
+        ``in_channels`` disagrees with that sum is left unsplit.
+        """
+        cfg = denoiser.config
+        widths = list(cfg.block_out_channels)[::-1]
+        per_block = cfg.layers_per_block
+        per_block = [per_block] * len(widths) if isinstance(per_block, int) else list(per_block)[::-1]
+        out: dict[str, int] = {}
+        output_channel = widths[0]
+        for i, block_type in enumerate(cfg.up_block_types):
+            prev_output_channel, output_channel = output_channel, widths[i]
+            input_channel = widths[min(i + 1, len(widths) - 1)]
+            if block_type.removeprefix("UNetRes") not in _CONCAT_UP_BLOCKS:
+                continue
+            n = per_block[i] + 1
+            for j in range(n):
+                up = prev_output_channel if j == 0 else output_channel
+                skip = input_channel if j == n - 1 else output_channel
+                for leaf in ("conv1", "conv_shortcut"):
+                    name = f"up_blocks.{i}.resnets.{j}.{leaf}"
+                    mod = _submodule(denoiser, name)
+                    if isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.in_channels == up + skip:
+                        out[name] = up
+        return out
+
+
+# Up-block types whose resnets see cat([hidden_states, res_hidden_states]) (diffusers unet_2d_blocks.py).
+_CONCAT_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D",
+                     "SimpleCrossAttnUpBlock2D")  # fmt: skip
+
+
+def _submodule(root: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(name)
+    except AttributeError:
+        return None
 
 
 class PixArtAdapter(Adapter):

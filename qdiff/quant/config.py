@@ -19,6 +19,10 @@ class LayerQuant:
     input elements. Activations (``a_bits``; ``None`` keeps them in floating point) are either
     ``dynamic`` (symmetric, per token for Linear and per sample for Conv2d, computed on the fly)
     or ``static`` (asymmetric per-tensor, calibrated).
+
+    ``a_split`` (Conv2d only): input channel where the second activation part starts. The two parts of a
+    concatenated input (a UNet up block's ``cat([up_path, skip])``) then get their own activation quantizers
+    (Q-Diffusion's shortcut-splitting quantization, Li et al., ICCV 2023). Weights are not affected.
     """
 
     w_bits: int = 8
@@ -27,6 +31,7 @@ class LayerQuant:
     method: str = "minmax"
     a_bits: int | None = 8
     a_mode: str = "dynamic"
+    a_split: int | None = None
 
     def __post_init__(self) -> None:
         if self.w_bits not in SUPPORTED_BITS:
@@ -43,10 +48,20 @@ class LayerQuant:
             raise ValueError(f"a_bits must be one of {ACT_BITS} or None, got {self.a_bits!r}")
         if self.a_mode not in ("dynamic", "static"):
             raise ValueError(f"a_mode must be dynamic or static, got {self.a_mode!r}")
+        if self.a_split is not None:
+            if isinstance(self.a_split, bool) or not isinstance(self.a_split, int) or self.a_split <= 0:
+                raise ValueError(f"a_split must be a positive integer or None, got {self.a_split!r}")
+            if self.a_bits is None:
+                raise ValueError("a_split needs quantized activations (a_bits)")
 
     @property
     def static_act(self) -> bool:
         return self.a_bits is not None and self.a_mode == "static"
+
+    @property
+    def split_act(self) -> bool:
+        """True when activations are quantized in two channel parts (``a_split``)."""
+        return self.a_bits is not None and self.a_split is not None
 
     def tag(self) -> str:
         """Short human label, e.g. ``W4A8``, ``W8A16``."""
@@ -57,4 +72,4 @@ class LayerQuant:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerQuant:
-        return cls(**data)
+        return cls(**data)  # keys added later (a_split) default when absent: older exports still load

@@ -54,9 +54,10 @@ class QuantLayer(nn.Module):
         self.kernel = ops.KernelPreference.AUTO
         self._w_scale_cache: Tensor | None = None
         self.register_load_state_dict_post_hook(_refresh_zp_sums_hook)  # derived w_sum follows loaded codes
-        if qcfg.static_act:
-            self.register_buffer("a_scale", torch.full((), float("nan")))
-            self.register_buffer("a_zp", torch.zeros((), dtype=torch.int32))
+        if qcfg.static_act:  # one (scale, zp) per tensor; (2,) with a_split: [first part, second part]
+            shape = (2,) if qcfg.split_act else ()
+            self.register_buffer("a_scale", torch.full(shape, float("nan")))
+            self.register_buffer("a_zp", torch.zeros(shape, dtype=torch.int32))
 
     # ---- geometry ------------------------------------------------------------------------------
     @property
@@ -100,7 +101,7 @@ class QuantLayer(nn.Module):
         """Pack the weight into ``qweight`` (int8 / packed uint8) + ``w_scale``; drop the float weight."""
         if self.state == "frozen":
             return
-        if self.qcfg.static_act and not bool(torch.isfinite(self.a_scale)):
+        if self.qcfg.static_act and not bool(torch.isfinite(self.a_scale).all()):
             raise RuntimeError("static activation range not calibrated; run calibration before freeze()")
         scale = self.weight_scale().float().contiguous()
         q = quantize_weight(self._weight2d().float(), scale, self.qcfg.w_bits, self.qcfg.group_size)
@@ -119,8 +120,8 @@ class QuantLayer(nn.Module):
         Only for frozen layers with static activations: the Triton GEMM folds the zero-point into its epilogue
         as ``acc - zp * w_sum`` instead of re-reading the weights every call. Runs after freeze() and load.
         """
-        if self.state != "frozen" or not self.qcfg.static_act or self.qweight.is_meta:
-            return
+        if self.state != "frozen" or not self.qcfg.static_act or self.qcfg.split_act or self.qweight.is_meta:
+            return  # split layers always run the torch reference, which does not use w_sum
         q = self.qcfg
         sums = ops.weight_sums(self.qweight, q.w_bits, self.in_features_2d, q.group_size, self.w_scale.shape[1])
         self.register_buffer("w_sum", sums, persistent=False)
@@ -149,8 +150,9 @@ class QuantLayer(nn.Module):
 
     # ---- activations ---------------------------------------------------------------------------
     def set_act_qparams(self, scale: Tensor, zero_point: Tensor) -> None:
-        self.a_scale.copy_(scale.reshape(()))
-        self.a_zp.copy_(zero_point.reshape(()).to(torch.int32))
+        """Static (scale, zero-point): 0-d each, or 2 values each (a tensor or a pair) for a split layer."""
+        self.a_scale.copy_(_per_part(scale).reshape(self.a_scale.shape))
+        self.a_zp.copy_(_per_part(zero_point).reshape(self.a_zp.shape).to(torch.int32))
 
     def _dynamic_act_scale(self, xf: Tensor) -> Tensor:  # per token (Linear) / per sample (Conv2d)
         raise NotImplementedError
@@ -159,8 +161,17 @@ class QuantLayer(nn.Module):
         q = self.qcfg
         if q.a_bits is None:
             return x
+        if q.split_act:  # each channel part with its own quantizer (Q-Diffusion shortcut splitting)
+            parts = (x[:, : q.a_split], x[:, q.a_split :])
+            return torch.cat([self._fake_act_part(p, i) for i, p in enumerate(parts)], dim=1)
         if q.a_mode == "static":
             return fake_quantize(x, self.a_scale, self.a_zp, q.a_bits, symmetric=False)
+        return fake_quantize(x, self._dynamic_act_scale(x.detach().float()), None, q.a_bits, symmetric=True)
+
+    def _fake_act_part(self, x: Tensor, part: int) -> Tensor:
+        q = self.qcfg
+        if q.a_mode == "static":
+            return fake_quantize(x, self.a_scale[part], self.a_zp[part], q.a_bits, symmetric=False)
         return fake_quantize(x, self._dynamic_act_scale(x.detach().float()), None, q.a_bits, symmetric=True)
 
     # ---- bookkeeping ---------------------------------------------------------------------------
@@ -192,6 +203,8 @@ class QuantLinear(QuantLayer):
     """Quantized ``nn.Linear``: weight (N, K); activations per token when dynamic."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool, qcfg: LayerQuant, **factory) -> None:
+        if qcfg.a_split is not None:
+            raise ValueError("a_split (split activation quantizers) is only supported on Conv2d")
         super().__init__(qcfg, (out_features, in_features))
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
@@ -224,6 +237,8 @@ class QuantConv2d(QuantLayer):
     def __init__(self, conv_args: dict, bias: bool, qcfg: LayerQuant, **factory) -> None:
         n, c = conv_args["out_channels"], conv_args["in_channels"]
         kh, kw = conv_args["kernel_size"]
+        if qcfg.a_split is not None and not 0 < qcfg.a_split < c:
+            raise ValueError(f"a_split must be in [1, {c - 1}] for a Conv2d with {c} inputs, got {qcfg.a_split}")
         super().__init__(qcfg, (n, c, kh, kw))
         self.in_channels, self.out_channels, self.kernel_size = c, n, (kh, kw)
         self.stride, self.padding, self.dilation = conv_args["stride"], conv_args["padding"], conv_args["dilation"]
@@ -256,12 +271,26 @@ class QuantConv2d(QuantLayer):
 
     def _int_op(self, x: Tensor) -> Tensor:
         q = self.qcfg
+        if q.split_act:  # two activation scales: the torch reference always (no Triton kernel covers it)
+            return ops.conv2d_int_split(
+                x, self.qweight, self.w_scale, split=q.a_split, w_bits=q.w_bits, weight_shape=self.weight_shape,
+                stride=self.stride, padding=self.padding, dilation=self.dilation, group_size=q.group_size,
+                bias=self.bias, a_bits=q.a_bits, a_mode=q.a_mode, a_scale=getattr(self, "a_scale", None),
+                a_zp=getattr(self, "a_zp", None),
+            )  # fmt: skip
         return ops.conv2d_int(
             x, self.qweight, self.w_scale, w_bits=q.w_bits, weight_shape=self.weight_shape, stride=self.stride,
             padding=self.padding, dilation=self.dilation, group_size=q.group_size, bias=self.bias,
             a_bits=q.a_bits, a_mode=q.a_mode, a_scale=getattr(self, "a_scale", None), a_zp=getattr(self, "a_zp", None),
             kernel=self.kernel, w_sum=getattr(self, "w_sum", None),
         )  # fmt: skip
+
+
+def _per_part(value) -> Tensor:
+    """A tensor from a tensor or a (first, second) pair of per-part values."""
+    if isinstance(value, (tuple, list)):
+        return torch.stack([torch.as_tensor(v).reshape(()) for v in value])
+    return torch.as_tensor(value)
 
 
 def _refresh_zp_sums_hook(module: QuantLayer, _incompatible_keys) -> None:

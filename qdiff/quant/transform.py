@@ -41,6 +41,8 @@ def layer_specs(layers: list[LayerInfo], recipe: Recipe, plan: Plan | None = Non
     Without a plan every layer is quantized at the recipe's bits except protected layers (unless
     ``quantize_protected``) and names matching ``recipe.skip``. With a plan, exactly the layers the
     plan lists with ``w_bits`` are quantized; a name the denoiser does not have is an error.
+    ``activations.split_skip`` with static activations: layers the adapter reports with an ``a_split`` (UNet
+    up-block skip concatenations) get one activation quantizer per input part.
     """
     by_name = {info.name: info for info in layers}
     if plan is not None:
@@ -61,9 +63,13 @@ def layer_specs(layers: list[LayerInfo], recipe: Recipe, plan: Plan | None = Non
             if any(fnmatch.fnmatchcase(info.name, pat) for pat in recipe.skip):
                 continue
             w_bits, a_bits = w.bits, (None if a.bits == 16 else a.bits)
+        # static (per-tensor) ranges only: dynamic ranges are per sample already, and split layers run the torch
+        # path (no Triton kernel takes two activation scales), which would cost the GPU speed-up
+        splittable = a.split_skip and a.mode == "static" and a_bits is not None and info.kind == "conv2d"
+        split = info.a_split if splittable else None
         specs[info.name] = LayerQuant(
             w_bits=w_bits, granularity=w.granularity, group_size=w.group_size, method=w.method,
-            a_bits=a_bits, a_mode=a.mode,
+            a_bits=a_bits, a_mode=a.mode, a_split=split,
         )  # fmt: skip
     return specs
 
