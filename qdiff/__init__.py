@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Recipe", "Plan", "QdiffError", "calibrate", "quantize", "save", "load", "load_pipeline", "fit_schedule",
-    "__version__",
+    "evaluate", "__version__",
 ]  # fmt: skip
 
 _LAZY = {
@@ -30,12 +30,14 @@ _LAZY = {
     "load": ("qdiff.api", "load"),
     "fit_schedule": ("qdiff.api", "fit_schedule"),
     "load_pipeline": ("qdiff.models.resolve", "load_pipeline"),
+    "evaluate": ("qdiff.eval.run", "evaluate"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from qdiff.api import calibrate, fit_schedule, load, quantize, save
     from qdiff.calib.plan import Plan
     from qdiff.errors import QdiffError
+    from qdiff.eval.run import evaluate
     from qdiff.models.resolve import load_pipeline
     from qdiff.recipe import Recipe
 

@@ -30,6 +30,28 @@ def _add_quantize(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="load the model in")
     p.add_argument("--device", default="cpu", help="device for calibration and packing (default: cpu)")
+    p.add_argument("--eval", action="store_true", help="also compare FP vs quantized (qdiff eval) into OUT-eval/")
+    p.add_argument("--eval-prompts", default=None, help="prompts for --eval (default: shapes-heldout or coco)")
+    p.add_argument("--eval-num-prompts", type=int, default=256, help="number of --eval prompts (default: 256)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="compare pipelines on the same prompts and seeds: metrics table and image grid")
+    p.add_argument("models", nargs="+", help="export folders / models; the first is the SSIM/PSNR reference")
+    p.add_argument("--out", required=True, help="folder to create: report.json, report.md, grid.png")
+    p.add_argument("--prompts", help="prompt set name or .txt file (default: shapes-heldout for builtin:shapes "
+                   "and its exports, else coco)")  # fmt: skip
+    p.add_argument("--num-prompts", type=int, default=64, help="first N prompts of the set (default: 64)")
+    p.add_argument("--recipe", help="recipe whose sampler is used (default: the first export's recipe)")
+    p.add_argument("--steps", type=int, help="override the sampler's steps")
+    p.add_argument("--guidance", type=float, help="override the sampler's guidance scale")
+    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed SEED+i (default: 0)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--clip", default="auto", help="CLIP scorer spec, 'auto' or 'none' (default: auto)")
+    p.add_argument("--quality", default="auto", help="no-reference quality scorer spec, 'auto' or 'none'")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -89,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_inspect(sub)
     _add_fit_schedule(sub)
+    _add_eval(sub)
     from qdiff.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
@@ -133,7 +156,9 @@ def cmd_quantize(args) -> int:
         raise QdiffError("--plan and --calib are exclusive (--calib uses CALIB_DIR/plan.json)")
     if calib is not None and not (calib / "plan.json").is_file():
         raise QdiffError(f"--calib {calib}: no plan.json (not a finished qdiff calibrate folder)")
-    default_recipe = calib / "recipe.yaml" if calib is not None and (calib / "recipe.yaml").is_file() else "w8a8"
+    default_recipe = _default_recipe(args.model)
+    if calib is not None and (calib / "recipe.yaml").is_file():
+        default_recipe = calib / "recipe.yaml"
     recipe = qdiff.Recipe.load(args.recipe or default_recipe)  # validate inputs before any heavy work
     plan = Plan.load(args.plan or calib / "plan.json") if (args.plan or calib) else None
     ranges = None
@@ -148,6 +173,7 @@ def cmd_quantize(args) -> int:
     pipe.to(args.device)
     _, den = find_denoiser(pipe)
     fp_bytes = module_nbytes(den)
+    evaluator = _fp_evaluation(args, pipe, recipe) if args.eval else None
     qdiff.quantize(pipe, recipe, plan=plan, progress=not args.no_progress, ranges=ranges)
     q_bytes = module_nbytes(den)
     layers = quantized_layers(den)
@@ -160,6 +186,70 @@ def cmd_quantize(args) -> int:
     print(f"layers     {len(layers)} quantized ({', '.join(f'{n}x {t}' for t, n in sorted(tags.items()))})")
     print(f"denoiser   {fp_bytes / 2**20:.2f} MiB -> {q_bytes / 2**20:.2f} MiB ({q_bytes / fp_bytes:.3f}x, measured)")
     print(f"export     {out}  ({time.perf_counter() - t0:.1f} s)")
+    if evaluator is not None:
+        from qdiff.eval.report import markdown_table, save_report
+
+        evaluator.add(recipe.name, pipe)
+        result = evaluator.result()
+        report = save_report(result, Path(f"{out}-eval"), overwrite=args.overwrite, command=_command_line())
+        print()
+        print(markdown_table(result))
+        print(f"\neval       {report}/report.md, {report}/grid.png ({time.perf_counter() - t0:.1f} s in all)")
+        for note in result.notes:
+            print(f"note       {note}")
+    return 0
+
+
+def _default_recipe(model: str | None) -> str:
+    """Without --recipe: the bundled Shapes model's own recipe for it (and when no model is named), else w8a8."""
+    return "shapes-w8a8" if model in (None, "builtin:shapes") else "w8a8"
+
+
+def _command_line() -> str:
+    return " ".join(["qdiff"] + [a if a and " " not in a else repr(a) for a in sys.argv[1:]])
+
+
+def _fp_evaluation(args, pipe, recipe):
+    """Score the float pipeline (with the recipe's sampler and scheduler) before it is quantized in place."""
+    from qdiff.eval.run import Evaluator
+    from qdiff.models.schedulers import apply_sampler_scheduler
+
+    if Path(f"{args.out}-eval").exists() and not args.overwrite:
+        raise QdiffError(f"output folder {args.out}-eval already exists (use --overwrite to replace it)")
+    prompts = args.eval_prompts or ("shapes-heldout" if recipe.model == "builtin:shapes" else "coco")
+    from qdiff.calib.prompts import load_prompts
+
+    evaluator = Evaluator(load_prompts(prompts, args.eval_num_prompts), recipe.sampler,
+                          progress=not args.no_progress)  # fmt: skip
+    apply_sampler_scheduler(pipe, recipe.sampler)
+    evaluator.add("FP", pipe)
+    return evaluator
+
+
+def cmd_eval(args) -> int:
+    import qdiff
+    from qdiff.eval.report import markdown_table, save_report
+    from qdiff.eval.run import default_setup
+
+    out = _output_folder(args)
+    sampler = qdiff.Recipe.load(args.recipe).sampler if args.recipe else default_setup(args.models)[0]
+    if args.steps is not None or args.guidance is not None:
+        import dataclasses
+
+        guidance = sampler.guidance_scale if args.guidance is None else args.guidance
+        sampler = dataclasses.replace(sampler, steps=args.steps or sampler.steps, guidance_scale=guidance)
+
+    def none(v: str) -> str | None:
+        return None if v == "none" else v
+
+    result = qdiff.evaluate(args.models, prompts=args.prompts, num_prompts=args.num_prompts, sampler=sampler,
+                            seed=args.seed, batch_size=args.batch_size, clip=none(args.clip),
+                            quality=none(args.quality), device=args.device, progress=not args.no_progress)  # fmt: skip
+    save_report(result, out, overwrite=args.overwrite, command=_command_line())
+    print(markdown_table(result))
+    for note in result.notes:
+        print(f"note       {note}")
+    print(f"eval       {out}/report.md, {out}/report.json, {out}/grid.png")
     return 0
 
 
@@ -267,7 +357,7 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"calibrate": cmd_calibrate, "quantize": cmd_quantize, "generate": cmd_generate, "inspect": cmd_inspect,
-            "fit-schedule": cmd_fit_schedule, "bench": cmd_bench}  # fmt: skip
+            "fit-schedule": cmd_fit_schedule, "bench": cmd_bench, "eval": cmd_eval}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,7 +71,8 @@ def test_missing_model(tmp_path, capsys):
 
 
 def test_no_model_anywhere(tmp_path, capsys):
-    _fails(capsys, ["quantize", "--out", str(tmp_path / "o")], "recipe: model: missing")
+    # a recipe without `model:` and no --model (without --recipe, the default is the bundled Shapes model's)
+    _fails(capsys, ["quantize", "--recipe", "w8a8", "--out", str(tmp_path / "o")], "recipe: model: missing")
 
 
 def test_bad_recipe_value(tmp_path, capsys):

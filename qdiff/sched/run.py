@@ -17,6 +17,7 @@ from torch import Tensor
 from qdiff.calib.capture import sampler_kwargs
 from qdiff.calib.prompts import load_prompts
 from qdiff.errors import QdiffError
+from qdiff.eval.draw import draw_images
 from qdiff.recipe import Recipe, SamplerConfig
 from qdiff.sched.fit import EvalCache, FitResult, fit
 from qdiff.sched.qsched import Schedule, apply_schedule, get_schedule
@@ -25,22 +26,11 @@ from qdiff.sched.scorers import Scorer, make_scorer
 HELDOUT_SEED_OFFSET = 10_000
 
 
-@torch.no_grad()
 def render(pipe, schedule: Schedule | None, prompts: Sequence[str], seeds: Sequence[int], sampler: SamplerConfig,
            batch_size: int) -> Tensor:  # fmt: skip
     """Images (P, 3, H, W) in [0, 1], one per prompt with its own seed, drawn with ``schedule`` installed."""
     apply_schedule(pipe, schedule)
-    saved = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(disable=True)
-    try:
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[i : i + batch_size]]
-            kwargs = sampler_kwargs(sampler)
-            out.append(pipe(list(prompts[i : i + batch_size]), generator=gens, output_type="pt", **kwargs).images)
-    finally:
-        pipe._progress_bar_config = saved
-    return torch.cat(out).float().cpu()
+    return draw_images(pipe, prompts, seeds, sampler, batch_size)
 
 
 def denoiser_fingerprint(pipe) -> str:

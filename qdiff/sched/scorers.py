@@ -12,9 +12,10 @@ Scorers by spec string (:func:`make_scorer`):
   downloaded, and pickle checkpoints (``.bin``/``.pt``) are refused.
 * ``pyiqa:METRIC`` — a pyiqa no-reference metric (``clipiqa``, ``musiq`` need weights in pyiqa's cache;
   ``piqe`` and ``entropy`` work offline). Lower-is-better metrics are negated.
-* ``shapes-clip`` / ``shapes-quality`` — HOOK for the bundled Shapes scorers
-  (``qdiff/models/shapes/scorers.py``). Not wired yet: add a factory to :data:`FACTORIES` that returns an
-  object with ``name`` and ``score(images, prompts)``; until then they raise a clear error.
+* ``shapes-clip[:DIR]`` / ``shapes-quality[:DIR]`` — the bundled Shapes scorers
+  (``qdiff/models/shapes/scorers.py``): the small CLIP trained on Shapes (``100 * cos``, clamped at 0 like
+  ``open_clip``) and the clean-vs-degraded quality logit. They work offline; ``DIR`` overrides the weights
+  folder (default: the weights shipped in the package).
 
 Callers with their own scorer pass the object itself wherever a spec string is accepted.
 """
@@ -189,14 +190,41 @@ def _no_downloads() -> Iterator[None]:
 
 
 # ---- registry ----------------------------------------------------------------------------------------
-def _shapes_pending(name: str) -> Callable[[str], Scorer]:
-    def factory(arg: str) -> Scorer:
-        raise QdiffError(
-            f"scorer {name!r} is not available yet: the bundled Shapes scorers plug in here once "
-            "qdiff/models/shapes/scorers.py has trained weights (see qdiff.sched.scorers.FACTORIES)"
-        )
+class ShapesClipScorer:
+    """CLIP score of the bundled Shapes CLIP: ``100 * max(cos(img, txt), 0)`` (same convention as open_clip)."""
 
-    return factory
+    def __init__(self, weights_dir: str | None = None) -> None:
+        from qdiff.models.shapes.scorers import ClipScorer
+
+        self.model = _load_shapes(ClipScorer, "shapes-clip", weights_dir)
+        self.name = "shapes-clip" + (f":{weights_dir}" if weights_dir else "")
+
+    @torch.no_grad()
+    def score(self, images: Tensor, prompts: Sequence[str]) -> Tensor:
+        x = _check_images(images, prompts)
+        return self.model.score(x, list(prompts)).clamp_min(0).float()
+
+
+class ShapesQualityScorer:
+    """Bundled Shapes quality score: logit of the clean-vs-degraded classifier (higher = cleaner)."""
+
+    def __init__(self, weights_dir: str | None = None) -> None:
+        from qdiff.models.shapes.scorers import QualityScorer
+
+        self.model = _load_shapes(QualityScorer, "shapes-quality", weights_dir)
+        self.name = "shapes-quality" + (f":{weights_dir}" if weights_dir else "")
+
+    @torch.no_grad()
+    def score(self, images: Tensor, prompts: Sequence[str] | None = None) -> Tensor:
+        return self.model.score(_check_images(images)).float()
+
+
+def _load_shapes(cls, name: str, weights_dir: str | None):
+    try:
+        return cls(weights_dir or None)
+    except (OSError, ValueError, KeyError) as exc:
+        where = weights_dir or "the package (qdiff/models/shapes/weights)"
+        raise QdiffError(f"scorer {name}: cannot load its weights from {where} ({_one_line(exc)})") from None
 
 
 def _open_clip(arg: str) -> Scorer:
@@ -208,9 +236,8 @@ FACTORIES: Mapping[str, Callable[[str], Scorer]] = MappingProxyType(
     {
         "open_clip": _open_clip,
         "pyiqa": lambda arg: PyiqaScorer(arg or "piqe"),
-        # HOOK: replace these two with factories around qdiff.models.shapes.scorers.{ClipScorer, QualityScorer}.
-        "shapes-clip": _shapes_pending("shapes-clip"),
-        "shapes-quality": _shapes_pending("shapes-quality"),
+        "shapes-clip": lambda arg: ShapesClipScorer(arg or None),
+        "shapes-quality": lambda arg: ShapesQualityScorer(arg or None),
     }
 )
 

@@ -96,9 +96,27 @@ def test_pyiqa_weights_absent_is_clear_error():
     assert time.perf_counter() - t0 < 20
 
 
-def test_registry_and_shapes_hook(tiny_clip):
-    with pytest.raises(QdiffError, match="'shapes-clip' is not available yet"):
-        make_scorer("shapes-clip")
+def test_shapes_scorers_rank_true_captions_and_clean_images():
+    import numpy as np
+
+    from qdiff.models.shapes import data
+    from qdiff.models.shapes.train import degrade
+
+    pairs = data.eval_prompts(64, seed=99)
+    caps = [c for c, _ in pairs]
+    rng = np.random.default_rng(0)
+    real = torch.from_numpy(np.stack([data.render(a, rng) for _, a in pairs])).permute(0, 3, 1, 2).float() / 255
+    clip, quality = make_scorer("shapes-clip"), make_scorer("shapes-quality")
+    assert clip.name == "shapes-clip" and quality.name == "shapes-quality"
+    true, wrong = clip.score(real, caps), clip.score(real, caps[1:] + caps[:1])
+    assert true.shape == (64,) and float((true > wrong).float().mean()) >= 0.95 and float(true.min()) >= 0
+    bad = (degrade(real * 2 - 1, torch.Generator().manual_seed(0)) + 1) / 2
+    assert float((quality.score(real, caps) > quality.score(bad, caps)).float().mean()) >= 0.9
+    with pytest.raises(QdiffError, match="scorer shapes-clip: cannot load its weights from /nonexistent"):
+        make_scorer("shapes-clip:/nonexistent")
+
+
+def test_registry(tiny_clip):
     with pytest.raises(QdiffError, match="unknown scorer 'blip'; families: open_clip, pyiqa, shapes-clip"):
         make_scorer("blip")
     assert make_scorer(tiny_clip) is tiny_clip  # objects pass through

@@ -273,6 +273,12 @@ def make_batch(
     return x, caps, torch.tensor(labels, dtype=torch.long)
 
 
+def calibration_prompts(n: int = 64, seed: int = 2026) -> list[str]:
+    """``n`` calibration captions: training combinations with training templates (never the held-out ones)."""
+    rng = np.random.default_rng(seed)
+    return [caption(sample_attributes(rng, "train"), rng) for _ in range(n)]
+
+
 def eval_prompts(n: int = 256, seed: int = 1234) -> list[tuple[str, Attributes]]:
     """``n`` evaluation prompts: held-out combinations (cycled in a seeded order) and held-out templates."""
     rng = np.random.default_rng(seed)

@@ -53,6 +53,11 @@ def build_pipeline(unet, text_encoder, vae, tokenizer, scheduler=None):
     return pipe
 
 
+def bundled() -> bool:
+    """True when this installation ships the Shapes weights (``qdiff/models/shapes/weights/``)."""
+    return (WEIGHTS_DIR / "unet" / "config.json").is_file()
+
+
 def shapes_pipeline(
     weights_dir: str | Path | None = None, device: str | torch.device = "cpu", torch_dtype: torch.dtype = torch.float32
 ):

@@ -78,3 +78,17 @@ def test_eval_prompts_are_heldout() -> None:
     assert all(p.startswith(("there is", "a picture of")) for p, _ in prompts)
     assert "there is " not in train_prefixes
     assert data.canonical_caption(prompts[0][1]).startswith("a ")
+
+
+def test_bundled_prompt_sets_are_regenerable_and_disjoint():
+    from qdiff.calib.prompts import load_prompts
+
+    cal, held = load_prompts("shapes"), load_prompts("shapes-heldout")
+    assert cal == data.calibration_prompts(64, seed=2026)
+    assert held == [c for c, _ in data.eval_prompts(256, seed=1234)]
+    assert not set(cal) & set(held)
+    for p in cal:  # every calibration prompt names at least shape, colour, size and position
+        named = data.parse_caption(p)
+        assert {"shape", "colour", "size", "position"} <= set(named)
+    templates = {t.split("{")[0].strip() for t in data.HELDOUT_TEMPLATES}
+    assert all(any(p.startswith(t) for t in templates) for p in held)

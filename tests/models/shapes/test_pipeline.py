@@ -6,7 +6,7 @@ import pytest
 
 from qdiff.errors import QdiffError
 from qdiff.models.resolve import available_builtins
-from qdiff.models.shapes.pipeline import WEIGHTS_DIR, shapes_pipeline
+from qdiff.models.shapes.pipeline import bundled, shapes_pipeline
 
 
 def test_builtin_is_registered():
@@ -18,8 +18,8 @@ def test_missing_weights_is_a_clear_error(tmp_path):
         shapes_pipeline(weights_dir=tmp_path)
 
 
-@pytest.mark.skipif(not (WEIGHTS_DIR / "unet" / "config.json").exists(), reason="Shapes weights not bundled yet")
 def test_bundled_pipeline_generates():
+    assert bundled()
     pipe = shapes_pipeline()
     image = pipe("a large red circle on the left", num_inference_steps=2, guidance_scale=3.0).images[0]
     assert image.size == (64, 64)

@@ -1,0 +1,237 @@
+"""``qdiff eval``: compare pipelines (FP and quantized variants) on the same prompts and seeds.
+
+Per variant: CLIP score and no-reference quality (bundled Shapes scorers or open_clip / pyiqa), attribute accuracy
+and Shapes-FID for Shapes-domain prompts, SSIM / PSNR against the first variant's images (the reference, normally
+the full-precision pipeline), measured denoiser and pipeline bytes, and seconds per image. Variants are added one
+at a time (:meth:`Evaluator.add`), so the float pipeline can be scored and then quantized in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from qdiff.calib.metrics import psnr, ssim
+from qdiff.errors import QdiffError
+from qdiff.eval.draw import draw_images
+from qdiff.recipe import SamplerConfig
+
+AUTO = "auto"
+SHAPES_SCORERS = ("shapes-clip", "shapes-quality")
+GENERAL_SCORERS = ("open_clip:ViT-B-32:openai", "pyiqa:clipiqa")
+
+
+@dataclass
+class EvalResult:
+    """Metrics per variant (insertion order; the first is the SSIM/PSNR reference), images and run facts."""
+
+    metrics: dict[str, dict[str, float]]
+    images: dict[str, Tensor]  # name -> (P, 3, H, W) in [0, 1]
+    prompts: list[str]
+    seeds: list[int]
+    meta: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        clean = {n: {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()}
+                 for n, m in self.metrics.items()}  # fmt: skip
+        return {"metrics": clean, "prompts": self.prompts, "seeds": self.seeds, "meta": self.meta,
+                "notes": self.notes}  # fmt: skip
+
+
+def _pipe_bytes(pipe) -> tuple[int, int]:
+    """(denoiser bytes, bytes of every torch module of the pipeline), measured from the tensors."""
+    from qdiff.eval.size import module_nbytes
+    from qdiff.models.adapters import find_denoiser
+
+    den = find_denoiser(pipe)[1]
+    total = sum(module_nbytes(m) for m in pipe.components.values() if isinstance(m, torch.nn.Module))
+    return module_nbytes(den), total
+
+
+class Evaluator:
+    """Draws ``prompts`` (seed ``seed + i`` for prompt ``i``) with each added pipeline and scores the images.
+
+    ``clip`` / ``quality``: a scorer spec (``qdiff.sched.scorers``), ``"auto"`` (the bundled Shapes scorers for
+    Shapes prompts, else open_clip ViT-B-32 / pyiqa clipiqa if their weights are on disk, else the metric is
+    skipped with a note) or ``None`` to skip. ``shapes``: attribute accuracy and Shapes-FID (``None`` = when the
+    prompts are Shapes captions).
+    """
+
+    def __init__(
+        self,
+        prompts: Sequence[str],
+        sampler: SamplerConfig,
+        *,
+        seed: int = 0,
+        batch_size: int = 16,
+        clip: str | None = AUTO,
+        quality: str | None = AUTO,
+        shapes: bool | None = None,
+        progress: bool = True,
+    ) -> None:
+        from qdiff.eval.shapes import ShapesJudge, is_shapes_prompt_set
+
+        if not prompts:
+            raise QdiffError("eval: no prompts")
+        self.prompts = list(prompts)
+        self.seeds = [seed + i for i in range(len(self.prompts))]
+        self.sampler, self.batch_size, self.progress = sampler, batch_size, progress
+        self.notes: list[str] = []
+        domain = is_shapes_prompt_set(self.prompts)
+        if shapes and not domain:
+            raise QdiffError("eval: Shapes metrics need Shapes captions (each naming a shape and a colour)")
+        self.judge = ShapesJudge(self.prompts, seed) if (domain if shapes is None else shapes) else None
+        defaults = SHAPES_SCORERS if domain else GENERAL_SCORERS
+        self.scorers = {key: self._scorer(key, spec, auto) for key, spec, auto in
+                        (("clip_score", clip, defaults[0]), ("quality", quality, defaults[1]))}  # fmt: skip
+        self.metrics: dict[str, dict[str, float]] = {}
+        self.images: dict[str, Tensor] = {}
+
+    def _scorer(self, key: str, spec: str | None, auto: str):
+        from qdiff.sched.scorers import make_scorer
+
+        if spec is None:
+            return None
+        if spec != AUTO:
+            return make_scorer(spec)
+        try:
+            return make_scorer(auto)
+        except QdiffError as exc:
+            self.notes.append(f"{key} not measured: {exc}")
+            return None
+
+    def _score(self, images: Tensor) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for key, scorer in self.scorers.items():
+            if scorer is not None:
+                out[key] = float(scorer.score(images, self.prompts).mean())
+        if self.judge is not None:
+            out.update(self.judge(images))
+        return out
+
+    def add(self, name: str, pipe) -> dict[str, float]:
+        """Draw and score the images of ``pipe`` under ``name``; returns its metrics."""
+        if name in self.metrics:
+            raise QdiffError(f"eval: variant name {name!r} used twice")
+        draw_images(pipe, self.prompts[:1], self.seeds[:1], self.sampler, 1)  # warm-up, not timed
+        t0 = time.perf_counter()
+        bar = tqdm(total=1, desc=f"eval {name}: {len(self.prompts)} images", disable=not self.progress, leave=False)
+        images = draw_images(pipe, self.prompts, self.seeds, self.sampler, self.batch_size)
+        seconds = (time.perf_counter() - t0) / len(self.prompts)
+        bar.update()
+        bar.close()
+        den_bytes, total_bytes = _pipe_bytes(pipe)
+        m = {"denoiser_mib": den_bytes / 2**20, "pipeline_mib": total_bytes / 2**20, "s_per_image": seconds}
+        m.update(self._score(images))
+        if self.images:
+            ref = next(iter(self.images.values()))
+            m["ssim"] = float(ssim(images, ref).mean())
+            m["psnr"] = psnr(images, ref)
+        self.metrics[name], self.images[name] = m, images
+        return m
+
+    def result(self, with_real: bool = True) -> EvalResult:
+        """All variants so far; for Shapes prompts a ``real renders`` row (classifier ceiling, FID noise floor)."""
+        metrics, images = dict(self.metrics), dict(self.images)
+        if with_real and self.judge is not None:
+            real = torch.from_numpy(self.judge.real).permute(0, 3, 1, 2).float() / 255.0
+            images["real renders"] = real
+            row = {k: v for k, v in self._score(real).items() if k != "shapes_fid"}
+            row["shapes_fid"] = self.judge.reference()["shapes_fid"]
+            metrics["real renders"] = row
+        meta = {
+            "reference": next(iter(self.metrics), None),
+            "sampler": dataclasses.asdict(self.sampler),
+            "scorers": {k: (s.name if s is not None else None) for k, s in self.scorers.items()},
+            "shapes_metrics": self.judge is not None,
+            "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} torch threads",
+            "torch": torch.__version__,
+        }
+        return EvalResult(metrics, images, self.prompts, self.seeds, meta, list(self.notes))
+
+
+# ---- orchestration over model specs (what `qdiff eval` calls) --------------------------------------------------
+SHAPES_MODEL = "builtin:shapes"
+
+
+def spec_recipe(spec: str):
+    """The recipe an export folder was made with (read from its manifest, no weights loaded), else ``None``."""
+    from pathlib import Path
+
+    from qdiff.export.manifest import MANIFEST, read_manifest
+    from qdiff.recipe import Recipe
+
+    folder = Path(spec)
+    if not (folder / MANIFEST).is_file():
+        return None
+    data = read_manifest(folder).get("recipe")
+    return Recipe.from_dict(data) if data else None
+
+
+def default_setup(specs: Sequence[str]) -> tuple[SamplerConfig, str]:
+    """(sampler, prompt set) for comparing ``specs``: the first export's recipe sampler, else the bundled Shapes
+    recipe's for ``builtin:shapes``, else the recipe defaults; Shapes held-out prompts for the Shapes model."""
+    from qdiff.recipe import Recipe
+
+    recipes = [r for r in (spec_recipe(s) for s in specs) if r is not None]
+    if not recipes and SHAPES_MODEL in specs:
+        recipes = [Recipe.load("shapes-w8a8")]
+    sampler = recipes[0].sampler if recipes else SamplerConfig()
+    shapes = SHAPES_MODEL in specs or any(r.model == SHAPES_MODEL for r in recipes)
+    return sampler, ("shapes-heldout" if shapes else "coco")
+
+
+def variant_name(pipe, taken: Sequence[str]) -> str:
+    """``FP`` for a float pipeline, else its recipe name (``+qsched`` with a fitted schedule); made unique."""
+    from qdiff.models.adapters import find_denoiser
+    from qdiff.quant.transform import get_info
+    from qdiff.sched.qsched import get_schedule
+
+    info = get_info(find_denoiser(pipe)[1])
+    name = "FP" if info is None else info.recipe.name + ("+qsched" if get_schedule(pipe) is not None else "")
+    base, i = name, 2
+    while name in taken:
+        name, i = f"{base} ({i})", i + 1
+    return name
+
+
+def evaluate(
+    models: Sequence[str],
+    *,
+    prompts: str | Sequence[str] | None = None,
+    num_prompts: int = 64,
+    sampler: SamplerConfig | None = None,
+    seed: int = 0,
+    batch_size: int = 16,
+    clip: str | None = AUTO,
+    quality: str | None = AUTO,
+    device: str = "cpu",
+    progress: bool = True,
+) -> EvalResult:
+    """Load each model spec in turn (export folder, diffusers folder, hub id in the cache, ``builtin:NAME``),
+    draw the same prompts and seeds with one sampler, and score them (see :class:`Evaluator`)."""
+    from qdiff.calib.prompts import load_prompts
+    from qdiff.models.resolve import load_pipeline
+
+    if not models:
+        raise QdiffError("eval: give at least one model")
+    default_sampler, default_prompts = default_setup(models)
+    if prompts is None or isinstance(prompts, str):
+        prompts = load_prompts(prompts or default_prompts, num_prompts)
+    ev = Evaluator(list(prompts)[:num_prompts], sampler or default_sampler, seed=seed, batch_size=batch_size,
+                   clip=clip, quality=quality, progress=progress)  # fmt: skip
+    for spec in models:
+        pipe = load_pipeline(spec).to(device)
+        ev.add(variant_name(pipe, list(ev.metrics)), pipe)
+        del pipe
+    return ev.result()

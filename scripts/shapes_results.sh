@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Reproduce every Shapes number quoted in README.md / docs/results.md (2 CPU cores: ~30 min).
+# Usage: scripts/shapes_results.sh [OUT=out/shapes-results]. Copies the committed artefacts to docs/results/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-out/shapes-results}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} HF_HUB_OFFLINE=1
+mkdir -p "$OUT" docs/results
+log() { echo "[$(date +%H:%M:%S)] $*"; }
+q() { [ -d "$OUT/$2" ] || qdiff quantize --recipe "$1" --out "$OUT/$2" --no-progress "${@:3}"; }
+
+log "uniform exports"
+q shapes-w8a8 w8a8
+q shapes-w4a8 w4a8
+q shapes-w3a8 w3a8
+q shapes-w4a8-static w4a8-static
+
+log "MixDQ calibration (fast sensitivity) and the mixed-precision export"
+[ -d "$OUT/calib" ] || /usr/bin/time -f "calibrate wall %e s" qdiff calibrate --recipe shapes-mixdq-w4a8 --out "$OUT/calib" --no-progress
+[ -d "$OUT/mixdq-w4a8" ] || qdiff quantize --calib "$OUT/calib" --out "$OUT/mixdq-w4a8" --no-progress
+
+python - "$OUT" > "$OUT/mixdq-bits.json" <<'PY'
+import json, sys
+import qdiff
+from qdiff.calib.allocate import measured_weight_bits
+from qdiff.models.adapters import find_denoiser
+out = sys.argv[1]
+measured = measured_weight_bits(find_denoiser(qdiff.load(f"{out}/mixdq-w4a8"))[1])
+plan = json.load(open(f"{out}/calib/plan.json"))["meta"]
+print(json.dumps({"plan_achieved_w_bits": plan["achieved_w_bits"], "budget": plan.get("w_budget"), **measured}))
+PY
+cat "$OUT/mixdq-bits.json"
+
+log "fast vs full sensitivity, BOS-aware on vs off"
+[ -f "$OUT/sens/report.json" ] || python -m qdiff.calib.sensitivity_report --model builtin:shapes \
+    --recipe shapes-mixdq-w4a8 --out "$OUT/sens" --bos
+
+log "Q-Sched on W4A8 and W3A8 (per-step, compass search, shapes-clip + shapes-quality)"
+for b in w4a8 w3a8; do
+  [ -d "$OUT/$b-qsched" ] || qdiff fit-schedule "$OUT/$b" --out "$OUT/$b-qsched" --no-progress \
+      --log "$OUT/$b-qsched.log.jsonl"
+done
+
+log "Q-Sched optimisers: the reference 10x10 grid vs compass search and CMA-ES at 20% of its generations"
+[ -f "$OUT/qsched-compare/results.json" ] || python -m qdiff.sched.compare --model "$OUT/w4a8" \
+    --recipe shapes-w4a8 --out "$OUT/qsched-compare" --set grid:ramp --set coordinate:per_step \
+    --set cmaes:per_step --set coordinate:ramp
+
+log "qdiff eval on 256 held-out prompts"
+qdiff eval builtin:shapes "$OUT/w8a8" "$OUT/w4a8" "$OUT/w4a8-qsched" "$OUT/w3a8" "$OUT/w3a8-qsched" \
+    "$OUT/w4a8-static" "$OUT/mixdq-w4a8" --num-prompts 256 --out "$OUT/eval" --overwrite --no-progress
+
+cp "$OUT/eval/report.md" docs/results/shapes-eval.md
+cp "$OUT/eval/report.json" docs/results/shapes-eval.json
+cp "$OUT/eval/grid.png" docs/results/shapes-grid.png
+cp "$OUT/sens/report.json" docs/results/shapes-sensitivity.json
+cp "$OUT/calib/sensitivity.png" docs/results/shapes-sensitivity.png
+cp "$OUT/calib/plan.json" docs/results/shapes-mixdq-w4a8-plan.json
+cp "$OUT/mixdq-bits.json" docs/results/shapes-mixdq-w4a8-bits.json
+cp "$OUT/qsched-compare/results.json" docs/results/shapes-qsched-compare.json
+cp "$OUT/qsched-compare/curves.png" docs/results/shapes-qsched-curves.png
+log "done: docs/results/"
