@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce every Shapes number quoted in README.md / docs/results.md (2 CPU cores: ~30 min).
+# Reproduce every Shapes number quoted in README.md / docs/results.md (2 CPU cores, 1 thread: ~20 min).
 # Usage: scripts/shapes_results.sh [OUT=out/shapes-results]. Copies the committed artefacts to docs/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +46,9 @@ log "Q-Sched optimisers: the reference 10x10 grid vs compass search and CMA-ES a
     --recipe shapes-w4a8 --out "$OUT/qsched-compare" --set grid:ramp --set coordinate:per_step \
     --set cmaes:per_step --set coordinate:ramp
 
+log "activation ranges and BOS statistics of the float model (model card)"
+[ -f "$OUT/ranges.json" ] || python -m qdiff.models.shapes.analysis --n 32 --out "$OUT/ranges.json"
+
 log "qdiff eval on 256 held-out prompts"
 qdiff eval builtin:shapes "$OUT/w8a8" "$OUT/w4a8" "$OUT/w4a8-qsched" "$OUT/w3a8" "$OUT/w3a8-qsched" \
     "$OUT/w4a8-static" "$OUT/mixdq-w4a8" --num-prompts 256 --out "$OUT/eval" --overwrite --no-progress
@@ -57,6 +60,7 @@ cp "$OUT/sens/report.json" docs/results/shapes-sensitivity.json
 cp "$OUT/calib/sensitivity.png" docs/results/shapes-sensitivity.png
 cp "$OUT/calib/plan.json" docs/results/shapes-mixdq-w4a8-plan.json
 cp "$OUT/mixdq-bits.json" docs/results/shapes-mixdq-w4a8-bits.json
+cp "$OUT/ranges.json" docs/results/shapes-activation-ranges.json
 cp "$OUT/qsched-compare/results.json" docs/results/shapes-qsched-compare.json
 cp "$OUT/qsched-compare/curves.png" docs/results/shapes-qsched-curves.png
 log "done: docs/results/"
