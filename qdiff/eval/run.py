@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from qdiff.bench.report import cpu_name
 from qdiff.calib.metrics import psnr, ssim
 from qdiff.errors import QdiffError
 from qdiff.eval.draw import draw_images
@@ -154,7 +154,8 @@ class Evaluator:
             "sampler": dataclasses.asdict(self.sampler),
             "scorers": {k: (s.name if s is not None else None) for k, s in self.scorers.items()},
             "shapes_metrics": self.judge is not None,
-            "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} torch threads",
+            "machine": f"{cpu_name()}, {torch.get_num_threads()} torch thread(s)"
+            + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_initialized() else ""),
             "torch": torch.__version__,
         }
         return EvalResult(metrics, images, self.prompts, self.seeds, meta, list(self.notes))

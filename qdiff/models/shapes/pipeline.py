@@ -9,6 +9,8 @@ images are 64x64.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,20 @@ def build_pipeline(unet, text_encoder, vae, tokenizer, scheduler=None):
     return pipe
 
 
+@contextlib.contextmanager
+def quiet_transformers_loading() -> Iterator[None]:
+    """No "Loading weights" progress bar from transformers while loading these sub-megabyte models."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def bundled() -> bool:
     """True when this installation ships the Shapes weights (``qdiff/models/shapes/weights/``)."""
     return (WEIGHTS_DIR / "unet" / "config.json").is_file()
@@ -77,7 +93,8 @@ def shapes_pipeline(
         )
     kw = {"local_files_only": True, "torch_dtype": torch_dtype, "use_safetensors": True}
     unet = UNet2DConditionModel.from_pretrained(str(d / "unet"), **kw)
-    text_encoder = CLIPTextModel.from_pretrained(str(d / "text_encoder"), **kw)
+    with quiet_transformers_loading():
+        text_encoder = CLIPTextModel.from_pretrained(str(d / "text_encoder"), **kw)
     vae = AutoencoderTiny.from_pretrained(str(d / "vae"), **kw)
     pipe = build_pipeline(unet, text_encoder, vae, load_tokenizer(d / "tokenizer"))
     return pipe.to(device)

@@ -94,10 +94,12 @@ class ClipScorer:
     def __init__(self, weights_dir: str | Path | None = None) -> None:
         from transformers import CLIPModel
 
+        from .pipeline import quiet_transformers_loading
         from .tokenizer import load_tokenizer
 
         d = Path(weights_dir or WEIGHTS_DIR)
-        self.model = CLIPModel.from_pretrained(str(d / "clip"), local_files_only=True).eval()
+        with quiet_transformers_loading():
+            self.model = CLIPModel.from_pretrained(str(d / "clip"), local_files_only=True).eval()
         self.tokenizer = load_tokenizer(d / "tokenizer")
 
     @torch.no_grad()

@@ -282,6 +282,14 @@ def _to_fp16(folder: Path) -> None:
         atomic_save_tensors(t, f, metadata=meta)
 
 
+def _drop_derived_vae_key(config: Path) -> None:
+    """AutoencoderTiny saves ``block_out_channels`` (derived from ``decoder_block_out_channels``) but warns that
+    it is unexpected on every load; the shipped config leaves it out (loading re-derives it)."""
+    cfg = json.loads(config.read_text())
+    if "decoder_block_out_channels" in cfg and cfg.pop("block_out_channels", None) is not None:
+        atomic_save_json(cfg, config)
+
+
 def stage_export(root: Path, args: argparse.Namespace) -> None:
     """Copy the trained parts into the shipped weights folder (diffusers layout + scorers), weights in fp16."""
     dst = Path(args.weights_dir or Path(__file__).parent / "weights")
@@ -295,6 +303,7 @@ def stage_export(root: Path, args: argparse.Namespace) -> None:
         for ext in (".safetensors", ".json"):
             shutil.copy(root / name / (name + ext), dst / (name + ext))
     atomic_save_json(DEFAULT_SAMPLER, dst / "sampler.json")
+    _drop_derived_vae_key(dst / "vae" / "config.json")
     _to_fp16(dst)
     total = sum(f.stat().st_size for f in dst.rglob("*") if f.is_file())
     log(f"export: wrote {dst} ({total / 1e6:.2f} MB)")
