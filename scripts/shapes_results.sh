@@ -31,6 +31,21 @@ print(json.dumps({"plan_achieved_w_bits": plan["achieved_w_bits"], "budget": pla
 PY
 cat "$OUT/mixdq-bits.json"
 
+log "content_weight of the joint ILP: validation on the calibration prompts (other seeds), never the held-out set"
+if [ ! -f "$OUT/cw-validation/report.md" ]; then
+  cws=()
+  for w in 0.3 0.5 0.7 0.9; do
+    sed "s/content_weight: [0-9.]*}/content_weight: $w}/; s/^name: .*/name: mixdq-cw$w/" \
+      "$(python -c 'import qdiff.recipes, pathlib; print(pathlib.Path(qdiff.recipes.__file__).parent)')/shapes-mixdq-w4a8.yaml" \
+      > "$OUT/cw$w.yaml"
+    [ -d "$OUT/cw$w" ] || qdiff calibrate --recipe "$OUT/cw$w.yaml" --out "$OUT/cw$w-calib" --no-progress
+    [ -d "$OUT/cw$w" ] || qdiff quantize --calib "$OUT/cw$w-calib" --out "$OUT/cw$w" --no-progress
+    cws+=("$OUT/cw$w")
+  done
+  qdiff eval builtin:shapes "$OUT/w4a8-static" "${cws[@]}" --prompts shapes --num-prompts 64 --seed 5000 \
+      --out "$OUT/cw-validation" --no-progress
+fi
+
 log "fast vs full sensitivity, BOS-aware on vs off"
 [ -f "$OUT/sens/report.json" ] || python -m qdiff.calib.sensitivity_report --model builtin:shapes \
     --recipe shapes-mixdq-w4a8 --out "$OUT/sens" --bos
@@ -61,6 +76,7 @@ cp "$OUT/calib/sensitivity.png" docs/results/shapes-sensitivity.png
 cp "$OUT/calib/plan.json" docs/results/shapes-mixdq-w4a8-plan.json
 cp "$OUT/mixdq-bits.json" docs/results/shapes-mixdq-w4a8-bits.json
 cp "$OUT/ranges.json" docs/results/shapes-activation-ranges.json
+cp "$OUT/cw-validation/report.md" docs/results/shapes-mixdq-content-weight-validation.md
 cp "$OUT/qsched-compare/results.json" docs/results/shapes-qsched-compare.json
 cp "$OUT/qsched-compare/curves.png" docs/results/shapes-qsched-curves.png
 log "done: docs/results/"
