@@ -167,6 +167,10 @@ def cmd_quantize(args) -> int:
 
         ranges = CapturedStats.load(calib)
     out = _output_folder(args)
+    if args.eval:
+        _positive("--eval-num-prompts", args.eval_num_prompts)
+        if Path(f"{out}-eval").exists() and not args.overwrite:
+            raise QdiffError(f"output folder {out}-eval already exists (use --overwrite to replace it)")
     spec = _model_spec(args, recipe)
     t0 = time.perf_counter()
     pipe = load_pipeline(spec, torch_dtype=args.dtype, config=args.config)
@@ -200,6 +204,11 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def _positive(flag: str, value: int) -> None:
+    if value <= 0:
+        raise QdiffError(f"{flag} must be a positive integer, got {value}")
+
+
 def _default_recipe(model: str | None) -> str:
     """Without --recipe: the bundled Shapes model's own recipe for it (and when no model is named), else w8a8."""
     return "shapes-w8a8" if model in (None, "builtin:shapes") else "w8a8"
@@ -211,14 +220,11 @@ def _command_line() -> str:
 
 def _fp_evaluation(args, pipe, recipe):
     """Score the float pipeline (with the recipe's sampler and scheduler) before it is quantized in place."""
+    from qdiff.calib.prompts import load_prompts
     from qdiff.eval.run import Evaluator
     from qdiff.models.schedulers import apply_sampler_scheduler
 
-    if Path(f"{args.out}-eval").exists() and not args.overwrite:
-        raise QdiffError(f"output folder {args.out}-eval already exists (use --overwrite to replace it)")
     prompts = args.eval_prompts or ("shapes-heldout" if recipe.model == "builtin:shapes" else "coco")
-    from qdiff.calib.prompts import load_prompts
-
     evaluator = Evaluator(load_prompts(prompts, args.eval_num_prompts), recipe.sampler,
                           progress=not args.no_progress)  # fmt: skip
     apply_sampler_scheduler(pipe, recipe.sampler)
@@ -231,6 +237,10 @@ def cmd_eval(args) -> int:
     from qdiff.eval.report import markdown_table, save_report
     from qdiff.eval.run import default_setup
 
+    for flag, value in (("--num-prompts", args.num_prompts), ("--batch-size", args.batch_size),
+                        ("--steps", args.steps)):  # fmt: skip
+        if value is not None:
+            _positive(flag, value)
     out = _output_folder(args)
     sampler = qdiff.Recipe.load(args.recipe).sampler if args.recipe else default_setup(args.models)[0]
     if args.steps is not None or args.guidance is not None:

@@ -33,6 +33,11 @@ def test_eval_cli_bad_model_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert not out.exists() and list(tmp_path.iterdir()) == []
     assert main(["eval", "builtin:tiny-sd", "--out", str(out), "--clip", "blip", "--no-progress"]) == 1
     assert "unknown scorer 'blip'" in capsys.readouterr().err and not out.exists()
+    assert main(["eval", "builtin:tiny-sd", "--out", str(out), "--batch-size", "0"]) == 1
+    assert "--batch-size must be a positive integer, got 0" in capsys.readouterr().err and not out.exists()
+    assert main(["quantize", "--out", str(tmp_path / "q"), "--eval", "--eval-num-prompts", "-1"]) == 1
+    assert "--eval-num-prompts must be a positive integer" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_quantize_eval_main_job_on_shapes(tmp_path, capsys):
