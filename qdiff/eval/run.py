@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from qdiff.bench.report import cpu_name
 from qdiff.calib.metrics import psnr, ssim
@@ -125,11 +124,9 @@ class Evaluator:
             raise QdiffError(f"eval: variant name {name!r} used twice")
         draw_images(pipe, self.prompts[:1], self.seeds[:1], self.sampler, 1)  # warm-up, not timed
         t0 = time.perf_counter()
-        bar = tqdm(total=1, desc=f"eval {name}: {len(self.prompts)} images", disable=not self.progress, leave=False)
-        images = draw_images(pipe, self.prompts, self.seeds, self.sampler, self.batch_size)
+        desc = f"eval {name}: {len(self.prompts)} images" if self.progress else None
+        images = draw_images(pipe, self.prompts, self.seeds, self.sampler, self.batch_size, desc=desc)
         seconds = (time.perf_counter() - t0) / len(self.prompts)
-        bar.update()
-        bar.close()
         den_bytes, total_bytes = _pipe_bytes(pipe)
         m = {"denoiser_mib": den_bytes / 2**20, "pipeline_mib": total_bytes / 2**20, "s_per_image": seconds}
         m.update(self._score(images))
