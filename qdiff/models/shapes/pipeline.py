@@ -88,7 +88,7 @@ def shapes_pipeline(
         from qdiff.errors import QdiffError
 
         raise QdiffError(
-            f"no Shapes weights in {d}: this build does not bundle them yet; train them with "
+            f"no Shapes weights in {d} (unet/config.json missing): reinstall qdiff, or train them with "
             "`python -m qdiff.models.shapes.train --stage all` (see docs/shapes-model.md)"
         )
     kw = {"local_files_only": True, "torch_dtype": torch_dtype, "use_safetensors": True}
