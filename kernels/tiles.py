@@ -36,7 +36,8 @@ class Tile:
 # (measured here: 128x256x256 took 1.5 s with 32^3 blocks, 0.06 s with 128x128x64).
 INTERPRETER_TILE = Tile(128, 128, 64, group_m=4, num_warps=1, num_stages=1)
 
-# GPU rules, from `qdiff bench kernels --sweep` on an NVIDIA H200 (triton 3.6, M=4096; docs/bench-kernels-H200-sweep.md).
+# GPU rules, from `qdiff bench kernels --sweep` on an NVIDIA H200 (triton 3.6, M=4096;
+# docs/bench-kernels-H200-sweep.md).
 # Tried in order: the first whose max_m / max_n bound the shape wins. W8A8: 128x128x128 with 8 warps was fastest
 # or within 5% on every shape but N=640/1280 (where 64x128x128 / 128x128x64 with 4 warps won by <10%);
 # W4A8 (in-kernel int4 unpack): 256x128x128 with 8 warps was fastest on every shape. M <= 64 is not measured.

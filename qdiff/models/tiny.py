@@ -120,31 +120,18 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "lcm"):
     The VAE downsamples by 2, so a 64x64 image has 32x32 latents; the UNet's ``sample_size`` is 32, so
     64x64 is also the default resolution.
     """
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
 
     sched = make_scheduler(scheduler)
     tokenizer = build_clip_tokenizer(TINY_WORDS)
     text_encoder = _clip_text_encoder(tokenizer, seed + 1)
-    with _seeded(seed):
-        unet = UNet2DConditionModel(
-            sample_size=32,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(32, 64),
-            layers_per_block=1,
-            norm_num_groups=8,
-            cross_attention_dim=32,
-            attention_head_dim=8,
-            use_linear_projection=False,
-        )
+    unet = tiny_sd_unet(seed)
     vae = _vae(seed + 2)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
-        unet=_finish(unet),
+        unet=unet,
         scheduler=sched,
         safety_checker=None,
         feature_extractor=None,
@@ -152,6 +139,22 @@ def tiny_sd_pipeline(seed: int = 0, scheduler: str = "lcm"):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_sd_unet(seed: int = 0, **overrides):
+    """The SD1.5-shaped tiny UNet (2 levels, 32/64 channels, cross-attention 32) shared by the SD-family fixtures;
+    ``overrides`` change single config fields (e.g. SD2's linear projections, LCM's ``time_cond_proj_dim``)."""
+    from diffusers import UNet2DConditionModel
+
+    config = dict(
+        sample_size=32, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
+        attention_head_dim=8, use_linear_projection=False,
+    )  # fmt: skip
+    with _seeded(seed):
+        unet = UNet2DConditionModel(**{**config, **overrides})
+    return _finish(unet)
 
 
 def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "euler"):

@@ -31,6 +31,7 @@ from qdiff.models.tiny import (
     build_t5_tokenizer,
     make_scheduler,
     tiny_pixart_pipeline,
+    tiny_sd_unet,
     tiny_sdxl_pipeline,
 )
 from qdiff.models.tokenizer import build_clip_tokenizer
@@ -59,7 +60,7 @@ def tiny_sd_turbo_pipeline(seed: int = 0):
     """SD-Turbo (SD 2.1 architecture): linear proj_in/proj_out, per-block head dims, one OpenCLIP-style
     text encoder (gelu), trailing Euler, epsilon prediction (the noise schedule comes from the loaded model's own
     scheduler config for real weights; the recipe swaps only the update rule)."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel
 
     tokenizer = build_clip_tokenizer(TINY_WORDS)
@@ -70,16 +71,9 @@ def tiny_sd_turbo_pipeline(seed: int = 0):
     )  # fmt: skip
     with _seeded(seed + 1):
         text_encoder = _finish(CLIPTextModel(config))
-    with _seeded(seed):
-        unet = UNet2DConditionModel(
-            sample_size=32, in_channels=4, out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
-            attention_head_dim=(2, 4), use_linear_projection=True,
-        )  # fmt: skip
+    unet = tiny_sd_unet(seed, attention_head_dim=(2, 4), use_linear_projection=True)
     pipe = StableDiffusionPipeline(
-        vae=_vae(seed + 2), text_encoder=text_encoder, tokenizer=tokenizer, unet=_finish(unet),
+        vae=_vae(seed + 2), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=make_scheduler("euler"), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)
@@ -89,20 +83,13 @@ def tiny_sd_turbo_pipeline(seed: int = 0):
 def tiny_lcm_dreamshaper_pipeline(seed: int = 0):
     """LCM-Dreamshaper-v7: SD1.5 UNet (conv proj_in/proj_out) with ``time_cond_proj_dim`` (the guidance
     scale enters as an embedding, no classifier-free batch) in a LatentConsistencyModelPipeline."""
-    from diffusers import LatentConsistencyModelPipeline, UNet2DConditionModel
+    from diffusers import LatentConsistencyModelPipeline
 
     tokenizer = build_clip_tokenizer(TINY_WORDS)
     text_encoder = _clip_text_encoder(tokenizer, seed + 1)
-    with _seeded(seed):
-        unet = UNet2DConditionModel(
-            sample_size=32, in_channels=4, out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8, cross_attention_dim=32,
-            attention_head_dim=8, use_linear_projection=False, time_cond_proj_dim=16,
-        )  # fmt: skip
+    unet = tiny_sd_unet(seed, time_cond_proj_dim=16)
     pipe = LatentConsistencyModelPipeline(
-        vae=_vae(seed + 2), text_encoder=text_encoder, tokenizer=tokenizer, unet=_finish(unet),
+        vae=_vae(seed + 2), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
         scheduler=make_scheduler("lcm"), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)

@@ -189,12 +189,6 @@ class _AxisObserver(Observer):
             )
         return mn, mx
 
-
-class MinMaxObserver(_AxisObserver):
-    """Running global min / max (per-tensor or per-channel along ``axis``)."""
-
-    name = "minmax"
-
     def update(self, x: Tensor) -> None:
         if x.numel() == 0:
             return
@@ -202,9 +196,21 @@ class MinMaxObserver(_AxisObserver):
         if self._min is None or self._max is None:
             self._min, self._max = mn, mx
         else:
-            self._min = torch.minimum(self._min.to(mn.device), mn)
-            self._max = torch.maximum(self._max.to(mx.device), mx)
+            self._min, self._max = self._merge(self._min.to(mn.device), self._max.to(mx.device), mn, mx)
         self._num_updates += 1
+
+    def _merge(self, old_min: Tensor, old_max: Tensor, mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
+        """The running range after a batch with range ``(mn, mx)`` (the first batch sets it directly)."""
+        raise NotImplementedError
+
+
+class MinMaxObserver(_AxisObserver):
+    """Running global min / max (per-tensor or per-channel along ``axis``)."""
+
+    name = "minmax"
+
+    def _merge(self, old_min: Tensor, old_max: Tensor, mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.minimum(old_min, mn), torch.maximum(old_max, mx)
 
 
 class EMAMinMaxObserver(_AxisObserver):
@@ -221,17 +227,9 @@ class EMAMinMaxObserver(_AxisObserver):
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         self.momentum = float(momentum)
 
-    def update(self, x: Tensor) -> None:
-        if x.numel() == 0:
-            return
-        mn, mx = self._batch_minmax(x)
-        if self._min is None or self._max is None:
-            self._min, self._max = mn, mx
-        else:
-            m = self.momentum
-            self._min = m * self._min.to(mn.device) + (1.0 - m) * mn
-            self._max = m * self._max.to(mx.device) + (1.0 - m) * mx
-        self._num_updates += 1
+    def _merge(self, old_min: Tensor, old_max: Tensor, mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
+        m = self.momentum
+        return m * old_min + (1.0 - m) * mn, m * old_max + (1.0 - m) * mx
 
     def __repr__(self) -> str:
         return f"EMAMinMaxObserver(momentum={self.momentum}, axis={self.axis}, num_updates={self._num_updates})"

@@ -54,22 +54,11 @@ def activation_ranges(
     return stats
 
 
-@torch.no_grad()
 def bos_outlier(pipe, prompts: list[str]) -> dict[str, float]:
     """Text-encoder output L2 norms: BOS (position 0) vs word tokens vs EOS/padding."""
-    tok = pipe.tokenizer
-    ids = tok(
-        prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids
-    h = pipe.text_encoder(ids)[0].norm(dim=-1)
-    words = (ids != tok.bos_token_id) & (ids != tok.eos_token_id)
-    return {
-        "bos_mean": float(h[:, 0].mean()),
-        "word_mean": float(h[words].mean()),
-        "word_max": float(h[words].max()),
-        "eos_pad_mean": float(h[ids == tok.eos_token_id].mean()),
-        "bos_over_word_ratio": float(h[:, 0].mean() / h[words].mean()),
-    }
+    from .train_unet import token_norms
+
+    return token_norms(pipe.text_encoder, pipe.tokenizer, prompts)
 
 
 @torch.no_grad()
