@@ -1,6 +1,6 @@
 """Pieces shared by the W8A8 and W4A8 GEMMs: program-id swizzle, zero-point fold, fused epilogue, host launcher.
 
-Epilogue order is the torch reference's (``qdiff.ops.linear_int``), so results match to the last bit:
+Epilogue order is the torch reference's (``qdiff.backends.ops.linear_int``), so results match to the last bit:
 ``y = f32(acc - zp * wsum) * w_scale`` (summed per group, in group order, for group-wise scales), then
 ``y = y * a_scale``, ``y = y + bias``, ``y.to(out_dtype)``. Kernels are launched with
 ``enable_fp_fusion=False`` so the compiler does not contract ``y * s + b`` into an FMA on GPU.

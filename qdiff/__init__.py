@@ -21,25 +21,25 @@ __all__ = [
 ]  # fmt: skip
 
 _LAZY = {
-    "Recipe": ("qdiff.recipe", "Recipe"),
-    "Plan": ("qdiff.calib.plan", "Plan"),
+    "Recipe": ("qdiff.config.recipe", "Recipe"),
+    "Plan": ("qdiff.config.plan", "Plan"),
     "QdiffError": ("qdiff.errors", "QdiffError"),
     "calibrate": ("qdiff.api", "calibrate"),
     "quantize": ("qdiff.api", "quantize"),
     "save": ("qdiff.api", "save"),
     "load": ("qdiff.api", "load"),
     "fit_schedule": ("qdiff.api", "fit_schedule"),
-    "load_pipeline": ("qdiff.models.resolve", "load_pipeline"),
+    "load_pipeline": ("qdiff.export.resolve", "load_pipeline"),
     "evaluate": ("qdiff.eval.run", "evaluate"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from qdiff.api import calibrate, fit_schedule, load, quantize, save
-    from qdiff.calib.plan import Plan
+    from qdiff.config.plan import Plan
+    from qdiff.config.recipe import Recipe
     from qdiff.errors import QdiffError
     from qdiff.eval.run import evaluate
-    from qdiff.models.resolve import load_pipeline
-    from qdiff.recipe import Recipe
+    from qdiff.export.resolve import load_pipeline
 
 
 def __getattr__(name: str) -> Any:

@@ -6,17 +6,18 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from qdiff.calib.capture import observing, run_sampler
-from qdiff.calib.plan import Plan
-from qdiff.calib.prompts import load_prompts
+from qdiff.calib.capture import observing
 from qdiff.calib.stats import CapturedStats
+from qdiff.config.plan import Plan
+from qdiff.config.recipe import Recipe, TextEncoderConfig
 from qdiff.errors import QdiffError
 from qdiff.models.adapters import find_denoiser, get_adapter
 from qdiff.models.schedulers import apply_sampler_scheduler
 from qdiff.quant.observers import make_observer
 from qdiff.quant.split import SplitObserver, part_keys
 from qdiff.quant.transform import QuantInfo, apply_specs, get_info, layer_specs, quantized_layers, set_info
-from qdiff.recipe import Recipe, TextEncoderConfig
+from qdiff.sampling.draw import draw
+from qdiff.sampling.prompts import load_prompts
 
 
 def as_recipe(recipe: Recipe | str | Path | None) -> Recipe:
@@ -83,7 +84,7 @@ def quantize(
 
 def _probe_bos(pipe, den, adapter, specs, recipe: Recipe, prompts: list[str] | None):
     """Check whether token 0 of the cross-attention K/V input is prompt-independent (see ``qdiff.quant.bos``)."""
-    from qdiff.quant.bos import kv_layers, probe_bos, probe_prompts
+    from qdiff.calib.bos_probe import kv_layers, probe_bos, probe_prompts
 
     kv = kv_layers(den, adapter, list(specs))
     if not kv:
@@ -129,7 +130,8 @@ def _calibrate_static(pipe, layers: dict, recipe: Recipe, prompts: list[str] | N
         return SplitObserver((make_observer(act.observer, **kwargs), make_observer(act.observer, **kwargs)), q.a_split)
 
     with observing(layers, make) as observers:
-        run_sampler(pipe, prompts, recipe.sampler, cal.batch_size, progress, desc="calibrating activations")
+        desc = "calibrating activations" if progress else None
+        draw(pipe, prompts, None, recipe.sampler, cal.batch_size, output_type="latent", desc=desc, keep=False)
     for name, layer in layers.items():
         obs = observers[name]
         if not obs.initialized:

@@ -145,10 +145,10 @@ def _check_writable(out: Path) -> None:
 
 def cmd_quantize(args) -> int:
     import qdiff
-    from qdiff.calib.plan import Plan
+    from qdiff.config.plan import Plan
     from qdiff.eval.size import module_nbytes
+    from qdiff.export.resolve import load_pipeline
     from qdiff.models.adapters import find_denoiser
-    from qdiff.models.resolve import load_pipeline
     from qdiff.quant.transform import quantized_layers
 
     calib = Path(args.calib) if args.calib else None
@@ -220,9 +220,9 @@ def _command_line() -> str:
 
 def _fp_evaluation(args, pipe, recipe):
     """Score the float pipeline (with the recipe's sampler and scheduler) before it is quantized in place."""
-    from qdiff.calib.prompts import load_prompts
     from qdiff.eval.run import Evaluator
     from qdiff.models.schedulers import apply_sampler_scheduler
+    from qdiff.sampling.prompts import load_prompts
 
     prompts = args.eval_prompts or ("shapes-heldout" if recipe.model == "builtin:shapes" else "coco")
     evaluator = Evaluator(load_prompts(prompts, args.eval_num_prompts), recipe.sampler,
@@ -268,7 +268,7 @@ def cmd_calibrate(args) -> int:
 
     import qdiff
     from qdiff.calib.run import calibrate_to_folder
-    from qdiff.models.resolve import load_pipeline
+    from qdiff.export.resolve import load_pipeline
 
     recipe = qdiff.Recipe.load(args.recipe)
     if args.mode:
@@ -289,9 +289,9 @@ def cmd_calibrate(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from qdiff.eval.images import hstack, save_png
-    from qdiff.models.resolve import load_pipeline
+    from qdiff.export.resolve import load_pipeline
     from qdiff.quant.transform import get_info
+    from qdiff.utils.images import hstack, save_png
 
     pipe = load_pipeline(args.model)
     pipe.to(args.device)

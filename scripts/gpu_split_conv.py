@@ -8,9 +8,9 @@ import time
 import torch
 from torch import nn
 
-from qdiff.quant.config import LayerQuant
+from qdiff.config.layer import LayerQuant
+from qdiff.numerics.primitives import compute_qparams
 from qdiff.quant.modules import quant_module_for
-from qdiff.quant.primitives import compute_qparams
 
 d = "cuda"
 torch.manual_seed(0)

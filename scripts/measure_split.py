@@ -17,8 +17,8 @@ import torch
 import qdiff
 from qdiff.calib.capture import generate
 from qdiff.calib.metrics import sqnr_db, ssim
-from qdiff.calib.prompts import load_prompts
-from qdiff.recipe import Recipe
+from qdiff.config.recipe import Recipe
+from qdiff.sampling.prompts import load_prompts
 
 
 def compare(build, recipe: Recipe, prompts: list[str], batch: int) -> str:

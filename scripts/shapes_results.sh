@@ -57,7 +57,7 @@ for b in w4a8 w3a8; do
 done
 
 log "Q-Sched optimisers: the reference 10x10 grid vs compass search and CMA-ES at 20% of its generations"
-[ -f "$OUT/qsched-compare/results.json" ] || python -m qdiff.sched.compare --model "$OUT/w4a8" \
+[ -f "$OUT/qsched-compare/results.json" ] || python -m qdiff.eval.qsched_compare --model "$OUT/w4a8" \
     --recipe shapes-w4a8 --out "$OUT/qsched-compare" --set grid:ramp --set coordinate:per_step \
     --set cmaes:per_step --set coordinate:ramp
 

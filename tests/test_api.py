@@ -8,13 +8,13 @@ from conftest import generate
 
 import qdiff
 from qdiff.calib.metrics import ssim
-from qdiff.calib.plan import LayerBits, Plan
+from qdiff.config.plan import LayerBits, Plan
+from qdiff.config.recipe import Recipe
 from qdiff.errors import QdiffError
 from qdiff.models.adapters import get_adapter
 from qdiff.models.tiny import tiny_pixart_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline
 from qdiff.quant.modules import QuantLayer
 from qdiff.quant.transform import quantized_layers
-from qdiff.recipe import Recipe
 
 # Measured on the tiny random-weight SD pipeline (seed 0, 2 LCM steps): W8A8 SSIM ~0.9999, W4A8 ~0.997.
 # Thresholds leave margin for platform float differences while still failing on a broken quantizer

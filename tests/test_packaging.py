@@ -65,8 +65,8 @@ def test_installed_wheel_resolves_names(wheel, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     code = (
         "import qdiff, qdiff._kernels\n"
-        "from qdiff.recipe import Recipe, bundled_recipes\n"
-        "from qdiff.calib.prompts import load_prompts\n"
+        "from qdiff.config.recipe import Recipe, bundled_recipes\n"
+        "from qdiff.sampling.prompts import load_prompts\n"
         f"assert qdiff.__file__.startswith({str(target)!r}), qdiff.__file__\n"
         "assert Recipe.load('w4a8').weights.bits == 4 and 'w8a8' in bundled_recipes()\n"
         "assert len(load_prompts('coco')) >= 64\n"

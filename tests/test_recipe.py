@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import yaml
 
+from qdiff.config.recipe import ActivationConfig, Recipe, WeightConfig, bundled_recipes
 from qdiff.errors import QdiffError
-from qdiff.recipe import ActivationConfig, Recipe, WeightConfig, bundled_recipes
 
 FAMILY_RECIPES = [
     "sdxl-turbo-w8a8", "sdxl-turbo-w4a8", "sdxl-turbo-1step-w8a8", "sdxl-turbo-1step-w4a8", "sd-turbo-w8a8",

@@ -57,7 +57,7 @@ class Operands:
 
 
 def _operands(s: Shape, dev: torch.device, gen: torch.Generator) -> Operands:
-    from qdiff.quant.primitives import pack_int4
+    from qdiff.numerics.primitives import pack_int4
 
     x = torch.randn(s.m, s.k, generator=gen).to(dev, torch.bfloat16)
     w = (torch.randn(s.n, s.k, generator=gen) * 0.05).to(dev, torch.bfloat16)

@@ -50,8 +50,8 @@ def _capture_step(pipe, prompt: str, height: int | None, width: int | None):
 
 def _variant(model: str, recipe: str | None, dtype: torch.dtype, dev: torch.device, kernel: str):
     import qdiff
+    from qdiff.export.resolve import load_pipeline
     from qdiff.models.adapters import find_denoiser
-    from qdiff.models.resolve import load_pipeline
     from qdiff.quant.transform import quantized_layers
 
     pipe = load_pipeline(model, torch_dtype=dtype)
@@ -109,7 +109,7 @@ def run_pipeline_bench(
     dev = _device(device)
     if dev.type == "cpu" and kernel == "triton":
         os.environ["TRITON_INTERPRET"] = "1"  # before the first kernel import
-    from qdiff.ops import resolve_backend
+    from qdiff.backends.ops import resolve_backend
 
     backend = resolve_backend(kernel, dev)
     dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[

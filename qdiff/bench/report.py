@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from qdiff.utils.machine import cpu_name
+
 # Dense INT8 tensor-core peak (TOPS) by device-name fragment, from the vendors' data sheets.
 INT8_PEAK_TOPS: tuple[tuple[str, float], ...] = (
     ("H200", 1979.0),
@@ -55,16 +57,6 @@ def _triton_version() -> str:
         return triton.__version__
     except ImportError:
         return "not installed"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores visible)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine(device: torch.device) -> Machine:

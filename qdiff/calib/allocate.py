@@ -27,11 +27,10 @@ from dataclasses import dataclass
 
 import pulp
 
-from qdiff.calib.plan import LayerBits, Plan
+from qdiff.config.bits import FLOAT_ACT_BITS
+from qdiff.config.plan import LayerBits, Plan
 from qdiff.errors import QdiffError
-from qdiff.quant.primitives import storage_bits
-
-FP_ACT_BITS = 16
+from qdiff.numerics.primitives import storage_bits
 
 
 @dataclass(frozen=True)
@@ -60,8 +59,8 @@ def items_from_table(rows: Sequence[Mapping], a_bits: Sequence[int]) -> list[Ite
         metric = "ssim" if r["metric"] == "ssim" else "sqnr"
         w_loss = {int(b): score_to_loss(v, metric) for b, v in r["w"].items()}
         a_loss = {int(b): score_to_loss(v, metric) for b, v in r["a"].items() if int(b) in a_bits}
-        if FP_ACT_BITS in a_bits:
-            a_loss[FP_ACT_BITS] = 0.0
+        if FLOAT_ACT_BITS in a_bits:
+            a_loss[FLOAT_ACT_BITS] = 0.0
         items.append(Item(r["name"], r["group"], int(r["params"]), int(r["act_numel"]), w_loss, a_loss))
     return items
 
@@ -167,8 +166,8 @@ def allocate(
         a_choice, a_obj, a_status = _solve_kind(a_items, "a_loss", a_budget, weights, joint, "a_budget")
     layers = {}
     for it in items:
-        a = a_choice.get(it.name, FP_ACT_BITS)
-        layers[it.name] = LayerBits(w_choice[it.name], None if a == FP_ACT_BITS else a)
+        a = a_choice.get(it.name, FLOAT_ACT_BITS)
+        layers[it.name] = LayerBits(w_choice[it.name], None if a == FLOAT_ACT_BITS else a)
     nominal = sum(it.params * w_choice[it.name] for it in items) / sum(it.params for it in items)
     meta = {
         "allocator": "ilp-cbc",
@@ -178,7 +177,7 @@ def allocate(
         "a_budget": a_budget,
         "achieved_w_bits": average_bits(items, w_choice, "w_loss"),  # storage bits (3 -> 4)
         "achieved_w_bits_nominal": nominal,
-        "achieved_a_bits": average_bits(a_items, a_choice, "a_loss") if a_items else float(FP_ACT_BITS),
+        "achieved_a_bits": average_bits(a_items, a_choice, "a_loss") if a_items else float(FLOAT_ACT_BITS),
         "objective_w": w_obj,
         "objective_a": a_obj,
         "solver_status": {"weights": w_status, "activations": a_status},

@@ -16,15 +16,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from qdiff.calib.stats import CapturedStats, LayerStats
 from qdiff.quant.modules import QuantLayer
 from qdiff.quant.observers import Observer
 from qdiff.quant.split import part_keys, split_parts
-from qdiff.recipe import SamplerConfig
+from qdiff.sampling.draw import draw
 
 
 @contextmanager
@@ -38,43 +36,6 @@ def observing(layers: Mapping[str, QuantLayer], make: Callable[[str], Observer])
     finally:
         for layer in layers.values():
             layer.observer = None
-
-
-def sampler_kwargs(sampler: SamplerConfig) -> dict:
-    """Keyword arguments for ``pipe(...)`` from the recipe's sampler section."""
-    kwargs = {"num_inference_steps": sampler.steps, "guidance_scale": sampler.guidance_scale}
-    if sampler.height is not None:
-        kwargs["height"] = sampler.height
-    if sampler.width is not None:
-        kwargs["width"] = sampler.width
-    return kwargs
-
-
-@torch.no_grad()
-def run_sampler(
-    pipe,
-    prompts: Sequence[str],
-    sampler: SamplerConfig,
-    batch_size: int,
-    progress: bool = True,
-    desc: str = "sampling",
-    on_batch: Callable[[int], None] | None = None,
-) -> None:
-    """Run the sampler over ``prompts`` in batches (latents only: the VAE decode is skipped).
-
-    ``on_batch(i)`` is called before batch ``i`` (the capture uses it to restart its step counter).
-    """
-    batches = [list(prompts[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
-    saved = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(disable=True)  # one bar over batches instead of one per call
-    try:
-        for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False)):
-            generator = torch.Generator("cpu").manual_seed(sampler.seed + i)
-            if on_batch is not None:
-                on_batch(i)
-            pipe(batch, generator=generator, output_type="latent", **sampler_kwargs(sampler))
-    finally:
-        pipe._progress_bar_config = saved
 
 
 # ---- statistics capture with forward pre-hooks (works on float or quantized layers) -----------------------------
@@ -137,7 +98,7 @@ def capturing(
     inputs are also kept (CPU). ``cache_denoiser``: keep every denoiser call's inputs and output (CPU).
     ``splits``: layer -> input channel where the second part starts; those layers also get statistics of each
     part under :func:`qdiff.quant.split.part_keys` (the whole input stays under the layer's name).
-    Call ``capture.new_call()`` before each pipeline call (``run_sampler(on_batch=...)`` does).
+    Call ``capture.new_call()`` before each pipeline call (``qdiff.sampling.draw.draw(on_batch=...)`` does).
     """
     splits = {n: s for n, s in (splits or {}).items() if n in layers}
     cap = Capture({name: LayerStats(bins, momentum) for name in layers})
@@ -195,24 +156,6 @@ def collecting_outputs(denoiser: nn.Module) -> Iterator[list[Tensor]]:
         handle.remove()
 
 
-@torch.no_grad()
-def generate(pipe, prompts: Sequence[str], sampler: SamplerConfig, batch_size: int, output_type: str = "pt") -> Tensor:
-    """Images ``(B, 3, H, W)`` in [0, 1] (or latents with ``output_type="latent"``); prompt ``j`` always uses
-    seed ``sampler.seed + j`` whatever the batching, so runs are comparable image by image."""
-    saved = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(disable=True)
-    out = []
-    try:
-        for i in range(0, len(prompts), batch_size):
-            batch = list(prompts[i : i + batch_size])
-            gens = [torch.Generator("cpu").manual_seed(sampler.seed + i + j) for j in range(len(batch))]
-            res = pipe(batch, generator=gens, output_type=output_type, **sampler_kwargs(sampler))
-            out.append(res.images.detach().float().cpu())
-    finally:
-        pipe._progress_bar_config = saved
-    return torch.cat(out)
-
-
 def capture_stats(
     pipe,
     recipe,
@@ -228,8 +171,8 @@ def capture_stats(
     ``recipe.bos_aware`` token 0 of the cross-attention K/V inputs is left out of their statistics. With
     ``activations.split_skip`` layers with an adapter split also get per-part statistics (meta ``split_layers``).
     """
-    from qdiff.calib.prompts import load_prompts
     from qdiff.models.adapters import find_denoiser, get_adapter
+    from qdiff.sampling.prompts import load_prompts
 
     _, den = find_denoiser(pipe)
     adapter = get_adapter(den)
@@ -244,7 +187,18 @@ def capture_stats(
     prompts = list(prompts or load_prompts(cal.prompts, cal.num_prompts))
     momentum = recipe.activations.momentum
     with capturing(den, layers, bins=bins, momentum=momentum, bos_layers=bos, splits=splits) as cap:
-        run_sampler(pipe, prompts, recipe.sampler, cal.batch_size, progress, "capturing ranges", cap.new_call)
+        desc = "capturing ranges" if progress else None
+        draw(
+            pipe,
+            prompts,
+            None,
+            recipe.sampler,
+            cal.batch_size,
+            output_type="latent",
+            desc=desc,
+            on_batch=cap.new_call,
+            keep=False,
+        )
     meta = {"prompts": prompts, "sampler": recipe.to_dict()["sampler"], "bos_layers": bos, "bins": bins,
             "split_layers": splits}  # fmt: skip
     return cap.result(meta)

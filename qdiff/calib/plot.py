@@ -13,8 +13,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 from qdiff.calib.allocate import score_to_loss
-from qdiff.calib.plan import Plan
 from qdiff.calib.table import SensitivityTable
+from qdiff.config.plan import Plan
 
 _ROW, _CELL, _NAME = 14, 64, 420
 # A short perceptual ramp (viridis-like), interpolated linearly.

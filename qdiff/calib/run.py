@@ -19,13 +19,13 @@ from pathlib import Path
 
 from qdiff.calib.allocate import allocate, items_from_table
 from qdiff.calib.capture import capture_stats
-from qdiff.calib.plan import Plan
 from qdiff.calib.sensitivity import analyze
 from qdiff.calib.stats import STATS_JSON, CapturedStats, write_text_atomic
 from qdiff.calib.table import SensitivityTable
+from qdiff.config.plan import Plan
+from qdiff.config.recipe import Recipe
 from qdiff.models.adapters import find_denoiser, get_adapter
 from qdiff.models.schedulers import apply_sampler_scheduler
-from qdiff.recipe import Recipe
 
 JOURNAL = "sensitivity.jsonl"
 

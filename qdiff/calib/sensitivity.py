@@ -34,15 +34,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from qdiff.calib.capture import capturing, collecting_outputs, first_output, generate, run_sampler
+from qdiff.calib.capture import capturing, collecting_outputs, first_output
 from qdiff.calib.metrics import sqnr_db, ssim
-from qdiff.calib.prompts import load_prompts
 from qdiff.calib.stats import CapturedStats, LayerStats
 from qdiff.calib.table import SQNR_CAP, Journal, SensitivityTable
+from qdiff.config.layer import LayerQuant
+from qdiff.config.recipe import Recipe
 from qdiff.models.adapters import CONTENT, LayerInfo, find_denoiser, get_adapter
-from qdiff.quant.config import LayerQuant
 from qdiff.quant.modules import quant_module_for
-from qdiff.recipe import Recipe
+from qdiff.sampling.draw import draw
+from qdiff.sampling.prompts import load_prompts
 
 
 def analyzed_layers(infos: Sequence[LayerInfo], recipe: Recipe) -> list[LayerInfo]:
@@ -168,7 +169,7 @@ class _Scorer:
         if s.mode == "full":
             self.prompts = load_prompts(cal.prompts, s.num_prompts)
             with collecting_outputs(den) as outs:
-                self.fp_images = generate(pipe, self.prompts, recipe.sampler, self.bs)
+                self.fp_images = draw(pipe, self.prompts, None, recipe.sampler, self.bs)
             self.fp_outputs = torch.cat([o.reshape(-1) for o in outs])
             return
         self.prompts = load_prompts(cal.prompts, s.fast_prompts)
@@ -176,7 +177,18 @@ class _Scorer:
         cache = names if s.proxy in ("local", "gain") else ()
         calls = s.proxy in ("denoiser", "gain")
         with capturing(den, layers, bos_layers=bos, cache_inputs=cache, cache_denoiser=calls) as cap:
-            run_sampler(pipe, self.prompts, recipe.sampler, self.bs, progress, "caching inputs", cap.new_call)
+            desc = "caching inputs" if progress else None
+            draw(
+                pipe,
+                self.prompts,
+                None,
+                recipe.sampler,
+                self.bs,
+                output_type="latent",
+                desc=desc,
+                on_batch=cap.new_call,
+                keep=False,
+            )
         self.inputs, self.calls = cap.inputs, cap.denoiser_calls
         self.batched = _batch_calls(self.calls) if calls else None
         self.fp_calls = None
@@ -253,10 +265,10 @@ class _Scorer:
         if metric in ("denoiser_sqnr", "gain_sqnr"):
             return _capped(sqnr_db(self.fp_calls, self._denoiser()))
         if metric == "ssim":
-            images = generate(self.pipe, self.prompts, self.recipe.sampler, self.bs)
+            images = draw(self.pipe, self.prompts, None, self.recipe.sampler, self.bs)
             return float(ssim(self.fp_images, images).mean())
         with collecting_outputs(self.den) as outs:
-            generate(self.pipe, self.prompts, self.recipe.sampler, self.bs, output_type="latent")
+            draw(self.pipe, self.prompts, None, self.recipe.sampler, self.bs, output_type="latent", keep=False)
         return _capped(sqnr_db(self.fp_outputs, torch.cat([o.reshape(-1) for o in outs])))
 
 

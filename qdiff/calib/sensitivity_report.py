@@ -21,14 +21,15 @@ from pathlib import Path
 
 import torch
 
-from qdiff.calib.capture import capture_stats, generate
+from qdiff.calib.capture import capture_stats
 from qdiff.calib.metrics import sqnr_db, ssim
 from qdiff.calib.plot import save_png
-from qdiff.calib.prompts import load_prompts
 from qdiff.calib.sensitivity import analyze, spearman
 from qdiff.calib.table import SensitivityTable
+from qdiff.config.recipe import Recipe
 from qdiff.models.adapters import find_denoiser, get_adapter
-from qdiff.recipe import Recipe
+from qdiff.sampling.draw import draw
+from qdiff.sampling.prompts import load_prompts
 
 
 def compare(fast: SensitivityTable, full: SensitivityTable) -> dict:
@@ -51,8 +52,8 @@ def compare(fast: SensitivityTable, full: SensitivityTable) -> dict:
 def bos_effect(spec: str, recipe: Recipe, prompts: list[str], plant: float | None) -> dict:
     """K/V output SQNR (worst and mean over layers) and image SSIM vs FP, BOS-aware off and on."""
     import qdiff
-    from qdiff.models.resolve import load_pipeline
-    from qdiff.quant.bos import plant_bos_outlier
+    from qdiff.calib.bos_probe import plant_bos_outlier
+    from qdiff.export.resolve import load_pipeline
 
     res = {}
     for bos in (False, True):
@@ -72,7 +73,7 @@ def bos_effect(spec: str, recipe: Recipe, prompts: list[str], plant: float | Non
                 )
                 for n in names
             ]
-            images = generate(pipe, prompts, recipe.sampler, recipe.calibration.batch_size)
+            images = draw(pipe, prompts, None, recipe.sampler, recipe.calibration.batch_size)
             for h in hooks:
                 h.remove()
             runs.append((images, {n: torch.cat(v) for n, v in outs.items()}))
@@ -85,7 +86,7 @@ def bos_effect(spec: str, recipe: Recipe, prompts: list[str], plant: float | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qdiff.models.resolve import load_pipeline
+    from qdiff.export.resolve import load_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True)

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from qdiff.errors import QdiffError
-from qdiff.quant.primitives import compute_qparams, dequantize, quantize
+from qdiff.numerics.primitives import compute_qparams, dequantize, quantize
 
 STATS_VERSION = 1
 STATS_TENSORS = "ranges.safetensors"

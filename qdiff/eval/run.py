@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qdiff.bench.report import cpu_name
 from qdiff.calib.metrics import psnr, ssim
+from qdiff.config.recipe import SamplerConfig
 from qdiff.errors import QdiffError
-from qdiff.eval.draw import draw_images
-from qdiff.recipe import SamplerConfig
+from qdiff.sampling.draw import draw
+from qdiff.utils.machine import cpu_name
 
 AUTO = "auto"
 SHAPES_SCORERS = ("shapes-clip", "shapes-quality")
@@ -122,10 +122,10 @@ class Evaluator:
         """Draw and score the images of ``pipe`` under ``name``; returns its metrics."""
         if name in self.metrics:
             raise QdiffError(f"eval: variant name {name!r} used twice")
-        draw_images(pipe, self.prompts[:1], self.seeds[:1], self.sampler, 1)  # warm-up, not timed
+        draw(pipe, self.prompts[:1], self.seeds[:1], self.sampler, 1)  # warm-up, not timed
         t0 = time.perf_counter()
         desc = f"eval {name}: {len(self.prompts)} images" if self.progress else None
-        images = draw_images(pipe, self.prompts, self.seeds, self.sampler, self.batch_size, desc=desc)
+        images = draw(pipe, self.prompts, self.seeds, self.sampler, self.batch_size, desc=desc)
         seconds = (time.perf_counter() - t0) / len(self.prompts)
         den_bytes, total_bytes = _pipe_bytes(pipe)
         m = {"denoiser_mib": den_bytes / 2**20, "pipeline_mib": total_bytes / 2**20, "s_per_image": seconds}
@@ -166,8 +166,8 @@ def spec_recipe(spec: str):
     """The recipe an export folder was made with (read from its manifest, no weights loaded), else ``None``."""
     from pathlib import Path
 
+    from qdiff.config.recipe import Recipe
     from qdiff.export.manifest import MANIFEST, read_manifest
-    from qdiff.recipe import Recipe
 
     folder = Path(spec)
     if not (folder / MANIFEST).is_file():
@@ -179,7 +179,7 @@ def spec_recipe(spec: str):
 def default_setup(specs: Sequence[str]) -> tuple[SamplerConfig, str]:
     """(sampler, prompt set) for comparing ``specs``: the first export's recipe sampler, else the bundled Shapes
     recipe's for ``builtin:shapes``, else the recipe defaults; Shapes held-out prompts for the Shapes model."""
-    from qdiff.recipe import Recipe
+    from qdiff.config.recipe import Recipe
 
     recipes = [r for r in (spec_recipe(s) for s in specs) if r is not None]
     if not recipes and SHAPES_MODEL in specs:
@@ -218,8 +218,8 @@ def evaluate(
 ) -> EvalResult:
     """Load each model spec in turn (export folder, diffusers folder, hub id in the cache, ``builtin:NAME``),
     draw the same prompts and seeds with one sampler, and score them (see :class:`Evaluator`)."""
-    from qdiff.calib.prompts import load_prompts
-    from qdiff.models.resolve import load_pipeline
+    from qdiff.export.resolve import load_pipeline
+    from qdiff.sampling.prompts import load_prompts
 
     if not models:
         raise QdiffError("eval: give at least one model")

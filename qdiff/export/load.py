@@ -9,12 +9,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from qdiff.calib.plan import Plan
+from qdiff.config.layer import LayerQuant
+from qdiff.config.plan import Plan
+from qdiff.config.recipe import Recipe
 from qdiff.errors import QdiffError
 from qdiff.export.manifest import read_manifest, verify_files
-from qdiff.quant.config import LayerQuant
 from qdiff.quant.transform import QuantInfo, build_frozen_shells, set_info
-from qdiff.recipe import Recipe
 
 # Denoiser classes an export may name (each has a qdiff architecture adapter).
 _DENOISERS = ("UNet2DConditionModel", "PixArtTransformer2DModel", "FluxTransformer2DModel", "SD3Transformer2DModel")
@@ -92,8 +92,8 @@ def load_export(path: str | Path, device: str | torch.device | None = None):
     set_info(den, QuantInfo(recipe=recipe, plan=plan, base_model=manifest.get("base_model")))
     from diffusers import DiffusionPipeline
 
-    from qdiff.models.resolve import as_torch_dtype, dtype_kwargs
-    from qdiff.quant.text_encoders import load_text_encoders
+    from qdiff.config.dtypes import as_torch_dtype, dtype_kwargs
+    from qdiff.export.text_encoders import load_text_encoders
 
     attr = manifest["denoiser"]["attr"]
     dtype = dtype_kwargs(as_torch_dtype(manifest.get("torch_dtype", "float32")))

@@ -69,7 +69,8 @@ def _schedule(pipe) -> dict | None:
 
 
 def _write(pipe, attr: str, den, info, tmp: Path) -> None:
-    from qdiff.quant.text_encoders import TEXT_ENCODER_ATTRS, save_text_encoder, text_encoder_mode
+    from qdiff.export.text_encoders import save_text_encoder
+    from qdiff.quant.text_encoders import TEXT_ENCODER_ATTRS, text_encoder_mode
 
     text_encoders = {}  # quantized text encoders (recipe text_encoders section): manifest entries
     for name, component in pipe.components.items():

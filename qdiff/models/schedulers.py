@@ -29,7 +29,7 @@ _FLOW = ("FlowMatchEulerDiscreteScheduler",)
 def apply_sampler_scheduler(pipe, sampler) -> bool:
     """Install ``sampler.scheduler`` (with ``sampler.timestep_spacing``) on ``pipe``; True if it changed.
 
-    ``sampler`` is a :class:`qdiff.recipe.SamplerConfig`. A flow-matching scheduler is never swapped with a
+    ``sampler`` is a :class:`qdiff.config.recipe.SamplerConfig`. A flow-matching scheduler is never swapped with a
     noise-prediction one (or back): the denoiser was trained for one of the two.
     """
     name, spacing = getattr(sampler, "scheduler", None), getattr(sampler, "timestep_spacing", None)

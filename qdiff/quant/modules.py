@@ -3,7 +3,7 @@
 * ``fake``   — float weight kept; weights and activations are fake-quantized on the fly (calibration,
   sensitivity analysis). An attached observer switches the layer to plain float and records inputs.
 * ``frozen`` — the float weight is gone; packed int8/int4/int2 weights (``qweight``) and fp32 scales
-  (``w_scale``) live in buffers, and the forward runs the integer op in :mod:`qdiff.ops`.
+  (``w_scale``) live in buffers, and the forward runs the integer op in :mod:`qdiff.backends.ops`.
 
 Both states compute the same function up to float rounding (tested).
 """
@@ -14,10 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qdiff import ops
-from qdiff.quant.config import LayerQuant
-from qdiff.quant.observers import Observer, mse_weight_scale
-from qdiff.quant.primitives import (
+from qdiff.backends import ops
+from qdiff.config.layer import LayerQuant
+from qdiff.numerics.primitives import (
     compute_qparams,
     dequantize_weight,
     expand_group_param,
@@ -29,6 +28,7 @@ from qdiff.quant.primitives import (
     unpack_weight,
     weight_minmax,
 )
+from qdiff.quant.observers import Observer, mse_weight_scale
 
 
 def weight_scale(w2d: Tensor, q: LayerQuant) -> Tensor:

@@ -1,7 +1,7 @@
 """Activation-range observers used during calibration (stateful plain Python classes, not ``nn.Module``).
 
 Every observer reduces the values it sees to a ``(min_val, max_val)`` float32 range and turns it into quantization
-parameters with :func:`qdiff.quant.primitives.compute_qparams`. Ranges are per-tensor (0-d tensors) unless an
+parameters with :func:`qdiff.numerics.primitives.compute_qparams`. Ranges are per-tensor (0-d tensors) unless an
 ``axis`` is given (``MinMaxObserver``, ``EMAMinMaxObserver``): then that axis is kept and all others reduced, giving
 1-D ranges of shape ``(C,)`` with ``C = x.shape[axis]``; reshape them to broadcast against the activation.
 
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qdiff.quant.primitives import (
+from qdiff.numerics.primitives import (
     Granularity,
     compute_qparams,
     dequantize,
@@ -389,7 +389,7 @@ def mse_weight_scale(
 
     ``w2d`` (N, K). For each tensor / row / group independently (vectorised), tries ``alpha * minmax`` for ``grid``
     ratios in ``[lo, 1]`` and keeps the one with the smallest sum of squared errors. Returns float32 with the shape
-    :func:`~qdiff.quant.primitives.weight_minmax` gives: (1, 1), (N, 1) or (N, G). ``alpha = 1`` is on the grid and
+    :func:`~qdiff.numerics.primitives.weight_minmax` gives: (1, 1), (N, 1) or (N, G). ``alpha = 1`` is on the grid and
     wins ties, so the result is never worse than min-max for any row / group.
     """
     mn, mx = weight_minmax(w2d, granularity, group_size)  # validates shapes / granularity

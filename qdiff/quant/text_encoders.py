@@ -1,4 +1,4 @@
-"""Optional text-encoder quantization (recipe section ``text_encoders``), and its export entries.
+"""Optional text-encoder quantization (recipe section ``text_encoders``); :mod:`qdiff.export.text_encoders` saves them.
 
 * CLIP encoders (``clip: w8a8``): every ``nn.Linear`` of the transformer encoder (q/k/v/out_proj, fc1, fc2)
   becomes a :class:`~qdiff.quant.bos.BOSQuantLinear` with per-channel W8 and dynamic per-token A8. Token 0
@@ -16,21 +16,18 @@ transformers (safetensors with the quantization config in ``config.json``) and l
 
 from __future__ import annotations
 
-import json
 import tempfile
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from qdiff.config.layer import LayerQuant
 from qdiff.errors import QdiffError
-from qdiff.quant.config import LayerQuant
-from qdiff.quant.transform import apply_specs, build_frozen_shells, quantized_layers
+from qdiff.quant.transform import apply_specs, quantized_layers
 
 TEXT_ENCODER_ATTRS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 CLIP_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 T5_CLASSES = ("T5EncoderModel",)
-WEIGHTS_FILE = "qdiff.safetensors"
 W8A8 = LayerQuant(w_bits=8, granularity="channel", method="minmax", a_bits=8, a_mode="dynamic")
 PROBE_PROMPTS = ("", "a photo of a red cat sitting on a house at night")
 
@@ -76,7 +73,7 @@ def quantize_clip_w8a8(encoder: nn.Module, tokenizer, rtol: float = 1e-5) -> str
     return mode
 
 
-def _require_bnb(what: str) -> None:
+def require_bnb(what: str) -> None:
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -85,7 +82,7 @@ def _require_bnb(what: str) -> None:
 
 def quantize_t5_bnb(encoder: nn.Module, mode: str) -> nn.Module:
     """A bitsandbytes NF4 / int8 weight-only copy of a T5 encoder (reloaded through transformers)."""
-    _require_bnb(f"text_encoders.t5: {mode}")
+    require_bnb(f"text_encoders.t5: {mode}")
     from transformers import BitsAndBytesConfig
 
     if mode == "nf4":
@@ -103,7 +100,7 @@ def quantize_t5_bnb(encoder: nn.Module, mode: str) -> nn.Module:
 
 
 def quantize_text_encoders(pipe, cfg) -> dict[str, str]:
-    """Apply ``cfg`` (a :class:`qdiff.recipe.TextEncoderConfig`) to ``pipe``'s text encoders; attr -> mode."""
+    """Apply ``cfg`` (a :class:`qdiff.config.recipe.TextEncoderConfig`) to ``pipe``'s text encoders; attr -> mode."""
     done: dict[str, str] = {}
     for attr in TEXT_ENCODER_ATTRS:
         encoder = getattr(pipe, attr, None)
@@ -129,60 +126,3 @@ def text_encoder_mode(encoder: nn.Module) -> str | None:
     if qc.get("load_in_4bit"):
         return qc.get("bnb_4bit_quant_type", "nf4")
     return "int8" if qc.get("load_in_8bit") else None
-
-
-def save_text_encoder(encoder: nn.Module, folder: Path, attr: str) -> dict:
-    """Write one quantized text encoder under ``folder`` (the export's ``<attr>/``); returns its manifest entry."""
-    from safetensors.torch import save_file
-
-    mode = text_encoder_mode(encoder)
-    entry = {"class": type(encoder).__name__, "mode": mode}
-    if mode != "w8a8":
-        encoder.save_pretrained(folder, safe_serialization=True)
-        return entry
-    folder.mkdir(parents=True, exist_ok=True)
-    encoder.config.to_json_file(str(folder / "config.json"))
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in encoder.state_dict().items()}
-    save_file(state, str(folder / WEIGHTS_FILE), metadata={"format": "pt", "qdiff": "1"})
-    layers = quantized_layers(encoder)
-    entry["weights"] = f"{attr}/{WEIGHTS_FILE}"
-    entry["layers"] = {n: {"quant": m.qcfg.to_dict(), "bos": m.bos_mode} for n, m in layers.items()}
-    return entry
-
-
-def load_text_encoders(folder: Path, manifest: dict) -> dict[str, nn.Module]:
-    """Rebuild the W8A8 text encoders of an export (attr -> module); bitsandbytes ones load with the pipeline."""
-    from accelerate import init_empty_weights
-    from safetensors.torch import load_file
-
-    out: dict[str, nn.Module] = {}
-    for attr, entry in (manifest.get("text_encoders") or {}).items():
-        where = f"{folder / 'qdiff.json'}: text_encoders.{attr}"
-        if attr not in TEXT_ENCODER_ATTRS or not isinstance(entry, dict):
-            raise QdiffError(f"{where}: not a text-encoder entry")
-        if entry.get("mode") in ("nf4", "int8"):
-            _require_bnb(f"{where} ({entry['mode']})")
-            continue
-        if entry.get("mode") != "w8a8" or entry.get("class") not in CLIP_CLASSES:
-            raise QdiffError(f"{where}: unsupported mode/class {entry.get('mode')!r}/{entry.get('class')!r}")
-        import transformers
-
-        cls = getattr(transformers, entry["class"])
-        try:
-            config = cls.config_class.from_dict(json.loads((folder / attr / "config.json").read_text()))
-            with init_empty_weights(include_buffers=False):
-                encoder = cls(config)
-            specs = {n: LayerQuant.from_dict(e["quant"]) for n, e in entry["layers"].items()}
-            build_frozen_shells(encoder, specs, {n: e["bos"] for n, e in entry["layers"].items()})
-            tensors = load_file(str(folder / entry["weights"]), device="cpu")
-            encoder.load_state_dict(tensors, strict=True, assign=True)
-        except QdiffError:
-            raise
-        except Exception as exc:
-            raise QdiffError(f"{where}: cannot rebuild the quantized encoder ({type(exc).__name__}: "
-                             f"{' '.join(str(exc).split())[:200]})") from None  # fmt: skip
-        leftover = [n for n, t in list(encoder.named_parameters()) + list(encoder.named_buffers()) if t.is_meta]
-        if leftover:
-            raise QdiffError(f"{where}: tensor {leftover[0]!r} was not restored")
-        out[attr] = encoder.eval()
-    return out

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from qdiff.calib.plan import Plan
+from qdiff.config.layer import LayerQuant
+from qdiff.config.plan import Plan
+from qdiff.config.recipe import Recipe
 from qdiff.errors import QdiffError
 from qdiff.models.adapters import LayerInfo
-from qdiff.quant.config import LayerQuant
 from qdiff.quant.modules import QuantConv2d, QuantLayer, QuantLinear, quant_module_for
-from qdiff.recipe import Recipe
 
 _INFO_ATTR = "_qdiff_info"
 

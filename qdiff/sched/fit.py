@@ -24,8 +24,8 @@ from typing import Any
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from qdiff.config.recipe import QSchedConfig
 from qdiff.errors import QdiffError
-from qdiff.recipe import QSchedConfig
 from qdiff.sched import params, search
 from qdiff.sched.jaq import jaq
 from qdiff.sched.qsched import Schedule

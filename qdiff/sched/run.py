@@ -14,11 +14,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from qdiff.calib.capture import sampler_kwargs
-from qdiff.calib.prompts import load_prompts
+from qdiff.config.recipe import Recipe, SamplerConfig
 from qdiff.errors import QdiffError
-from qdiff.eval.draw import draw_images
-from qdiff.recipe import Recipe, SamplerConfig
+from qdiff.sampling.draw import draw, sampler_kwargs
+from qdiff.sampling.prompts import load_prompts
 from qdiff.sched.fit import EvalCache, FitResult, fit
 from qdiff.sched.qsched import Schedule, apply_schedule, get_schedule
 from qdiff.sched.scorers import Scorer, make_scorer
@@ -30,7 +29,7 @@ def render(pipe, schedule: Schedule | None, prompts: Sequence[str], seeds: Seque
            batch_size: int) -> Tensor:  # fmt: skip
     """Images (P, 3, H, W) in [0, 1], one per prompt with its own seed, drawn with ``schedule`` installed."""
     apply_schedule(pipe, schedule)
-    return draw_images(pipe, prompts, seeds, sampler, batch_size)
+    return draw(pipe, prompts, seeds, sampler, batch_size)
 
 
 def denoiser_fingerprint(pipe) -> str:

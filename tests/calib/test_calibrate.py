@@ -12,8 +12,8 @@ import qdiff
 from qdiff.calib.allocate import measured_weight_bits
 from qdiff.calib.run import CalibrationResult
 from qdiff.cli import main
+from qdiff.config.recipe import Recipe
 from qdiff.models.tiny import tiny_sd_pipeline
-from qdiff.recipe import Recipe
 
 
 def _recipe() -> Recipe:

@@ -7,11 +7,12 @@ import dataclasses
 import pytest
 import torch
 
-from qdiff.calib.capture import capture_stats, capturing, run_sampler
+from qdiff.calib.capture import capture_stats, capturing
 from qdiff.calib.stats import CapturedStats, LayerStats
+from qdiff.config.recipe import Recipe
 from qdiff.models.adapters import get_adapter
 from qdiff.models.tiny import tiny_sd_pipeline
-from qdiff.recipe import Recipe
+from qdiff.sampling.draw import draw
 
 
 def _small_recipe(**changes) -> Recipe:
@@ -97,7 +98,7 @@ def test_hooks_removed_after_exception():
     layers = {n: den.get_submodule(n) for n in ["conv_in", "down_blocks.0.attentions.0.proj_in"]}
     with pytest.raises(RuntimeError, match="boom"):
         with capturing(den, layers, cache_inputs=list(layers), cache_denoiser=True) as cap:
-            run_sampler(pipe, ["a cat"], _small_recipe().sampler, 1, progress=False, on_batch=cap.new_call)
+            draw(pipe, ["a cat"], None, _small_recipe().sampler, 1, output_type="latent", on_batch=cap.new_call)
             assert cap.inputs and cap.denoiser_calls
             raise RuntimeError("boom")
     for m in [den, *layers.values()]:

@@ -10,14 +10,15 @@ import pytest
 import torch
 
 import qdiff
-from qdiff.calib.capture import collecting_outputs, generate
+from qdiff.calib.capture import collecting_outputs
 from qdiff.calib.metrics import sqnr_db, ssim
-from qdiff.calib.plan import LayerBits, Plan
-from qdiff.calib.prompts import load_prompts
 from qdiff.calib.sensitivity import analyze, quantized_one, spearman
+from qdiff.config.plan import LayerBits, Plan
+from qdiff.config.recipe import Recipe
 from qdiff.errors import QdiffError
 from qdiff.models.tiny import tiny_sd_pipeline
-from qdiff.recipe import Recipe
+from qdiff.sampling.draw import draw
+from qdiff.sampling.prompts import load_prompts
 
 CONTENT = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"
 QUALITY = "down_blocks.0.resnets.0.conv1"
@@ -72,7 +73,7 @@ def test_full_mode_scores_match_independent_quantized_pipeline():
         got = []
         for p in (fp_pipe, q_pipe):
             with collecting_outputs(p.unet) as outs:
-                images = generate(p, prompts, recipe.sampler, 2)
+                images = draw(p, prompts, None, recipe.sampler, 2)
             got.append((images, torch.cat([o.reshape(-1) for o in outs])))
         ref = float(ssim(got[0][0], got[1][0]).mean()) if metric == "ssim" else sqnr_db(got[0][1], got[1][1])
         assert row["w"]["4"] == pytest.approx(ref, abs=1e-3 if metric == "ssim" else 0.2)

@@ -8,17 +8,17 @@ import math
 import numpy as np
 import pytest
 import torch
+from qdiff.sampling.draw import draw
 
 import qdiff
 from qdiff.calib.metrics import ssim
+from qdiff.config.recipe import SamplerConfig
 from qdiff.errors import QdiffError
-from qdiff.eval.draw import draw_images
 from qdiff.eval.report import grid_image, markdown_table, save_report
 from qdiff.eval.run import Evaluator
 from qdiff.eval.shapes import ShapesJudge, is_shapes_prompt_set, real_renders
 from qdiff.eval.size import module_nbytes
 from qdiff.models.tiny import tiny_sd_pipeline
-from qdiff.recipe import SamplerConfig
 
 SAMPLER = SamplerConfig(steps=2, guidance_scale=1.0)
 PROMPTS = ["a photo of a cat", "a bowl of fruit", "a red car on a street"]
@@ -35,11 +35,11 @@ class MeanScorer:
 
 def test_draw_images_is_batch_size_independent():
     pipe = tiny_sd_pipeline()
-    a = draw_images(pipe, PROMPTS, [5, 6, 7], SAMPLER, batch_size=3)
-    b = draw_images(pipe, PROMPTS, [5, 6, 7], SAMPLER, batch_size=1)
+    a = draw(pipe, PROMPTS, [5, 6, 7], SAMPLER, batch_size=3)
+    b = draw(pipe, PROMPTS, [5, 6, 7], SAMPLER, batch_size=1)
     assert a.shape == (3, 3, 64, 64)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    c = draw_images(pipe, PROMPTS[:1], [8], SAMPLER, batch_size=1)
+    c = draw(pipe, PROMPTS[:1], [8], SAMPLER, batch_size=1)
     assert not torch.allclose(a[:1], c)  # another seed, another image
 
 
@@ -54,7 +54,7 @@ def test_evaluator_reference_bytes_and_quantized_variant():
     q = qdiff.quantize(tiny_sd_pipeline(), "w4a8", progress=False)
     m_q = ev.add("w4a8", q)
     assert m_q["denoiser_mib"] < 0.5 * m_fp["denoiser_mib"]
-    images = draw_images(q, PROMPTS, [5, 6, 7], SAMPLER, 2)  # the evaluator's batch size
+    images = draw(q, PROMPTS, [5, 6, 7], SAMPLER, 2)  # the evaluator's batch size
     assert m_q["ssim"] == pytest.approx(float(ssim(images, ev.images["FP"]).mean()), abs=1e-6)
     assert m_q["clip_score"] == pytest.approx(float(images.mean()), abs=1e-5)
     with pytest.raises(QdiffError, match="used twice"):
@@ -99,7 +99,7 @@ def test_shapes_prompt_detection_and_renders():
 
 @pytest.fixture(scope="module")
 def judge():
-    from qdiff.calib.prompts import load_prompts
+    from qdiff.sampling.prompts import load_prompts
 
     return ShapesJudge(load_prompts("shapes-heldout", 64), seed=0)
 

@@ -12,12 +12,12 @@ from conftest import generate
 import qdiff
 from qdiff.calib.capture import capture_stats
 from qdiff.calib.stats import CapturedStats
+from qdiff.config.recipe import Recipe
 from qdiff.errors import QdiffError
 from qdiff.models.adapters import get_adapter
 from qdiff.models.tiny import tiny_sd_pipeline
 from qdiff.quant.split import part_keys
 from qdiff.quant.transform import layer_specs, quantized_layers
-from qdiff.recipe import Recipe
 
 
 def _recipe(split_skip: bool = True) -> Recipe:

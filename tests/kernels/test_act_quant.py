@@ -6,7 +6,7 @@ import pytest
 import torch
 from qdiff._kernels.act_quant import quantize_dynamic, quantize_given
 
-from qdiff.quant.primitives import compute_qparams, quantize, token_qparams
+from qdiff.numerics.primitives import compute_qparams, quantize, token_qparams
 
 
 def _py_round_codes(v: torch.Tensor, lo: int, hi: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from qdiff._kernels.gemm_w4a8 import gemm_w4a8
 from qdiff._kernels.gemm_w8a8 import gemm_w8a8
 from qdiff._kernels.tiles import Tile
 
-from qdiff.quant.primitives import pack_int4
+from qdiff.numerics.primitives import pack_int4
 
 SMALL = Tile(32, 32, 32, group_m=2, num_warps=1, num_stages=1)
 

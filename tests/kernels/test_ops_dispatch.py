@@ -1,4 +1,4 @@
-"""Dispatch in qdiff.ops and frozen modules through both paths (Triton interpreter vs torch reference)."""
+"""Dispatch in qdiff.backends.ops and frozen modules through both paths (Triton interpreter vs torch reference)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 import torch
 from torch import nn
 
-from qdiff import ops
+from qdiff.backends import ops
+from qdiff.config.layer import LayerQuant
 from qdiff.errors import QdiffError
-from qdiff.quant.config import LayerQuant
+from qdiff.numerics.primitives import compute_qparams, unpack_weight
 from qdiff.quant.modules import QuantLayer, quant_module_for
-from qdiff.quant.primitives import compute_qparams, unpack_weight
 
 
 def test_resolve_backend_rules(monkeypatch):
@@ -34,13 +34,13 @@ def test_resolve_backend_rules(monkeypatch):
 
 
 def test_ops_import_is_lazy():
-    code = "import sys, qdiff.ops, qdiff.quant.modules; assert 'triton' not in sys.modules; print('ok')"
+    code = "import sys, qdiff.backends.ops, qdiff.quant.modules; assert 'triton' not in sys.modules; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 def test_weight_sums_brute_force(gen):
-    from qdiff.quant.primitives import pack_int4
+    from qdiff.numerics.primitives import pack_int4
 
     q = torch.randint(-8, 8, (5, 75), generator=gen, dtype=torch.int8)
     sums = ops.weight_sums(pack_int4(q), 4, 75, 32, 3)

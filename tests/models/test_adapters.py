@@ -391,7 +391,7 @@ def test_sd3_medium_real_config_counts():
 def test_tiny_family_builtins_match_real_layer_names():
     """Each tiny family instance has only layer names of the real architecture (the real config with the tiny
     one's block pattern), with the same module types."""
-    from qdiff.models.resolve import load_pipeline
+    from qdiff.export.resolve import load_pipeline
 
     pairs = {
         "tiny-sd-turbo": ("UNet2DConditionModel", SD21_UNET),

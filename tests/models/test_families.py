@@ -15,13 +15,13 @@ import pytest
 import torch
 
 import qdiff
-from qdiff.calib.capture import sampler_kwargs
 from qdiff.cli import main
+from qdiff.config.recipe import Recipe, SamplerConfig
+from qdiff.export.resolve import load_pipeline
 from qdiff.models.adapters import find_denoiser
-from qdiff.models.resolve import load_pipeline
 from qdiff.models.schedulers import SCHEDULER_CLASSES, apply_sampler_scheduler
 from qdiff.quant.transform import quantized_layers
-from qdiff.recipe import Recipe, SamplerConfig
+from qdiff.sampling.draw import sampler_kwargs
 
 # (builtin model, bundled recipe, pipeline class of the real model)
 CASES = [
@@ -60,7 +60,7 @@ def _images(pipe, sampler: SamplerConfig) -> torch.Tensor:
 
 
 def test_every_family_recipe_is_bundled_and_covered():
-    from qdiff.recipe import bundled_recipes
+    from qdiff.config.recipe import bundled_recipes
 
     family = {r for _, r, _ in CASES} | {"sdxl-turbo-w8a8", "sdxl-turbo-1step-w4a8"}  # the last two: same as tested
     assert family <= set(bundled_recipes())

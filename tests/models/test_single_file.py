@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from qdiff.cli import main
 from qdiff.errors import QdiffError
-from qdiff.models.resolve import load_pipeline
+from qdiff.export.resolve import load_pipeline
 
 
 def _index(folder, cls="StableDiffusionPipeline"):

@@ -10,14 +10,15 @@ import torch
 from torch import nn
 
 import qdiff
-from qdiff.calib.capture import generate as sample
+from qdiff.calib.bos_probe import kv_layers, plant_bos_outlier, probe_bos
 from qdiff.calib.metrics import sqnr_db, ssim
+from qdiff.config.layer import LayerQuant
+from qdiff.config.recipe import Recipe
 from qdiff.models.adapters import get_adapter
 from qdiff.models.tiny import tiny_pixart_pipeline, tiny_sd_pipeline
-from qdiff.quant.bos import BOSQuantLinear, kv_layers, plant_bos_outlier, probe_bos
-from qdiff.quant.config import LayerQuant
+from qdiff.quant.bos import BOSQuantLinear
 from qdiff.quant.modules import QuantLinear
-from qdiff.recipe import Recipe
+from qdiff.sampling.draw import draw
 
 
 def _recipe(bos: bool) -> Recipe:
@@ -67,7 +68,7 @@ def test_probe_checks_prompt_independence():
 
 
 def _images(pipe):
-    return sample(pipe, ["a red cat on the beach", "a dog"], _recipe(False).sampler, 2)
+    return draw(pipe, ["a red cat on the beach", "a dog"], None, _recipe(False).sampler, 2)
 
 
 def _kv_outputs(pipe, names):

@@ -7,9 +7,9 @@ import torch
 from torch import nn
 
 from qdiff.calib.metrics import sqnr_db
-from qdiff.quant.config import LayerQuant
+from qdiff.config.layer import LayerQuant
+from qdiff.numerics.primitives import qrange
 from qdiff.quant.modules import QuantConv2d, QuantLinear, quant_module_for
-from qdiff.quant.primitives import qrange
 
 CONFIGS = [
     LayerQuant(w_bits=8, a_bits=8),

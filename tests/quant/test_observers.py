@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from qdiff.numerics.primitives import compute_qparams, dequantize, quantize
 from qdiff.quant.observers import (
     OBSERVER_NAMES,
     EMAMinMaxObserver,
@@ -17,7 +18,6 @@ from qdiff.quant.observers import (
     PercentileObserver,
     make_observer,
 )
-from qdiff.quant.primitives import compute_qparams, dequantize, quantize
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -1,4 +1,4 @@
-"""Tests for qdiff.quant.primitives against independent float64 / numpy references and round-trips."""
+"""Tests for qdiff.numerics.primitives against independent float64 / numpy references and round-trips."""
 
 from __future__ import annotations
 
@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from qdiff.calib.metrics import sqnr_db
-from qdiff.quant.observers import mse_weight_scale
-from qdiff.quant.primitives import (
+from qdiff.numerics.primitives import (
     SUPPORTED_BITS,
     check_bits,
     compute_qparams,
@@ -31,6 +30,7 @@ from qdiff.quant.primitives import (
     unpack_weight,
     weight_minmax,
 )
+from qdiff.quant.observers import mse_weight_scale
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from qdiff.calib.metrics import sqnr_db
-from qdiff.quant.config import LayerQuant
+from qdiff.config.layer import LayerQuant
 from qdiff.quant.modules import QuantConv2d, quant_module_for
 from qdiff.quant.observers import make_observer
 from qdiff.quant.split import SplitObserver, part_keys
@@ -70,7 +70,7 @@ def test_frozen_integer_path_equals_fake(gen, mode, bits, weights):
 
 def test_frozen_split_ignores_triton_preference(gen, monkeypatch):
     """A split layer never reaches the Triton dispatch (two activation scales): only the torch reference runs."""
-    import qdiff.ops as ops
+    import qdiff.backends.ops as ops
 
     m = _layer(_conv(gen), 8, "dynamic")
     m.freeze()

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 import qdiff
+from qdiff.config.recipe import Recipe, TextEncoderConfig
 from qdiff.errors import QdiffError
-from qdiff.models.resolve import load_pipeline
+from qdiff.export.resolve import load_pipeline
 from qdiff.quant.bos import BOSQuantLinear
 from qdiff.quant.text_encoders import clip_layers, quantize_clip_w8a8, quantize_text_encoders
 from qdiff.quant.transform import quantized_layers
-from qdiff.recipe import Recipe, TextEncoderConfig
 
 
 def _recipe(**te) -> Recipe:

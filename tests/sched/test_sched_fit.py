@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
+from qdiff.config.recipe import QSchedConfig
 from qdiff.errors import QdiffError
-from qdiff.recipe import QSchedConfig
 from qdiff.sched.fit import EvalCache, fit
 from qdiff.sched.qsched import Schedule
 
@@ -102,7 +102,7 @@ def test_log_lines_are_json_with_scores(tmp_path):
 
 
 def test_recipe_section_validation():
-    from qdiff.recipe import Recipe
+    from qdiff.config.recipe import Recipe
 
     with pytest.raises(QdiffError, match="recipe: qsched.optimiser: got 'adam'"):
         Recipe.from_dict({"qsched": {"optimiser": "adam"}})

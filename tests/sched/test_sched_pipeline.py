@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import qdiff
+from qdiff.config.recipe import Recipe
 from qdiff.errors import QdiffError
-from qdiff.recipe import Recipe
 from qdiff.sched.qsched import Schedule, apply_schedule, get_schedule
 
 PROMPTS = ["a red cat", "a blue house", "a green tree on a hill"]

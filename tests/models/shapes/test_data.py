@@ -81,7 +81,7 @@ def test_eval_prompts_are_heldout() -> None:
 
 
 def test_bundled_prompt_sets_are_regenerable_and_disjoint():
-    from qdiff.calib.prompts import load_prompts
+    from qdiff.sampling.prompts import load_prompts
 
     cal, held = load_prompts("shapes"), load_prompts("shapes-heldout")
     assert cal == data.calibration_prompts(64, seed=2026)

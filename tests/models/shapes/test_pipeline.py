@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from qdiff.errors import QdiffError
-from qdiff.models.resolve import available_builtins
+from qdiff.export.resolve import available_builtins
 from qdiff.models.shapes.pipeline import bundled, shapes_pipeline
 
 

@@ -8,8 +8,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from qdiff.errors import QdiffError  # noqa: E402
-from qdiff.models import resolve  # noqa: E402
-from qdiff.models.resolve import available_builtins, load_pipeline  # noqa: E402
+from qdiff.export.resolve import available_builtins, load_pipeline  # noqa: E402
+from qdiff.export import resolve  # noqa: E402
 
 
 @pytest.fixture(scope="module")

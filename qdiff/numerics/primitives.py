@@ -20,6 +20,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from qdiff.config.bits import WEIGHT_BITS
+
 __all__ = [
     "SUPPORTED_BITS",
     "Granularity",
@@ -43,7 +45,7 @@ __all__ = [
     "unpack_weight",
 ]
 
-SUPPORTED_BITS: tuple[int, ...] = (2, 3, 4, 8)
+SUPPORTED_BITS: tuple[int, ...] = WEIGHT_BITS
 
 Granularity = Literal["tensor", "channel", "group"]
 _GRANULARITIES: tuple[str, ...] = ("tensor", "channel", "group")

@@ -22,8 +22,7 @@ from typing import Any
 
 import yaml
 
-from qdiff.errors import QdiffError
-from qdiff.recipe_sections import (  # sections are part of the recipe API: re-exported here
+from qdiff.config.sections import (  # sections are part of the recipe API: re-exported here
     KERNELS,
     ActivationConfig,
     AllocationConfig,
@@ -36,6 +35,7 @@ from qdiff.recipe_sections import (  # sections are part of the recipe API: re-e
     choice,
     fail,
 )
+from qdiff.errors import QdiffError
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Recipe sections: one frozen dataclass per YAML section, each validating itself at construction.
 
-Errors name the key path (``weights.bits``) and the allowed values; :mod:`qdiff.recipe` assembles
-the sections into a :class:`~qdiff.recipe.Recipe` and reads/writes YAML.
+Errors name the key path (``weights.bits``) and the allowed values; :mod:`qdiff.config.recipe` assembles
+the sections into a :class:`~qdiff.config.recipe.Recipe` and reads/writes YAML.
 """
 
 from __future__ import annotations
@@ -9,10 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from qdiff.config.bits import RECIPE_ACT_BITS, WEIGHT_BITS
 from qdiff.errors import QdiffError
 
-WEIGHT_BITS = (2, 3, 4, 8)
-ACT_BITS = (4, 8, 16)  # 16 = activations stay in floating point (W*A16)
 GRANULARITIES = ("tensor", "channel", "group")
 GROUP_SIZES = (32, 64, 128, 256)
 WEIGHT_METHODS = ("minmax", "mse")
@@ -81,7 +80,7 @@ class ActivationConfig:
         self.validate("activations")
 
     def validate(self, path: str) -> None:
-        choice(f"{path}.bits", self.bits, ACT_BITS)
+        choice(f"{path}.bits", self.bits, RECIPE_ACT_BITS)
         choice(f"{path}.mode", self.mode, ACT_MODES)
         choice(f"{path}.observer", self.observer, OBSERVERS)
         if not 0.0 <= self.momentum < 1.0:
@@ -173,7 +172,7 @@ class SensitivityConfig:
             if not values:
                 raise fail(f"{path}.{key}", "must list at least one bit-width")
             for i, b in enumerate(values):
-                choice(f"{path}.{key}[{i}]", b, ACT_BITS if key == "a_bits" else WEIGHT_BITS)
+                choice(f"{path}.{key}[{i}]", b, RECIPE_ACT_BITS if key == "a_bits" else WEIGHT_BITS)
         positive(f"{path}.num_prompts", self.num_prompts)
         positive(f"{path}.fast_prompts", self.fast_prompts)
 

@@ -1,6 +1,6 @@
 """Compare Q-Sched optimisers on one quantized pipeline: JAQ-vs-generations curves and held-out JAQ.
 
-    python -m qdiff.sched.compare --model builtin:tiny-sd --recipe w8a8 --out out/qsched-compare \\
+    python -m qdiff.eval.qsched_compare --model builtin:tiny-sd --recipe w8a8 --out out/qsched-compare \\
         --alignment pyiqa:entropy --quality pyiqa:piqe --set grid:ramp --set cmaes:per_step
 
 Each ``--set OPTIMISER:PARAMETERISATION`` runs :func:`qdiff.fit_schedule` with the recipe's ``qsched``
@@ -23,7 +23,7 @@ from qdiff.errors import QdiffError
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    p = argparse.ArgumentParser(prog="python -m qdiff.sched.compare", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m qdiff.eval.qsched_compare", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="export folder, or any model spec (quantized with --recipe)")
     p.add_argument("--recipe", default="w8a8", help="quantization recipe (also supplies sampler: and qsched:)")
     p.add_argument("--prompts", help="prompt set or .txt file (default: the recipe's)")
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     import qdiff
-    from qdiff.models.resolve import load_pipeline
+    from qdiff.export.resolve import load_pipeline
     from qdiff.quant.transform import get_info
     from qdiff.sched.plot import plot_curves
     from qdiff.sched.qsched import apply_schedule

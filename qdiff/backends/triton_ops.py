@@ -1,6 +1,6 @@
-"""Triton implementations of :func:`qdiff.ops.linear_int` / :func:`qdiff.ops.conv2d_int`.
+"""Triton implementations of :func:`qdiff.backends.ops.linear_int` / :func:`qdiff.backends.ops.conv2d_int`.
 
-Imported lazily by :mod:`qdiff.ops` (never at ``import qdiff``). Same numerics as the torch reference:
+Imported lazily by :mod:`qdiff.backends.ops` (never at ``import qdiff``). Same numerics as the torch reference:
 identical activation codes (correctly rounded division, ties to even), exact int32 accumulation, and the
 reference's epilogue order, so the two paths agree bit for bit (tested through the interpreter).
 
@@ -18,8 +18,8 @@ from torch import Tensor
 from qdiff._kernels.act_quant import quantize_dynamic, quantize_given
 from qdiff._kernels.gemm_w4a8 import gemm_w4a8
 from qdiff._kernels.gemm_w8a8 import gemm_w8a8
-from qdiff.ops import explicit_padding, weight_sums
-from qdiff.quant.primitives import compute_qparams, qrange
+from qdiff.backends.ops import explicit_padding, weight_sums
+from qdiff.numerics.primitives import compute_qparams, qrange
 
 
 def _gemm(qa, qweight, w_scale, *, w_bits, k, group_size, bias, a_scale, a_zp, w_sum, out_dtype) -> Tensor:
@@ -38,7 +38,7 @@ def _out_dtype(x: Tensor) -> torch.dtype:
 
 
 def linear_int(x, qweight, w_scale, *, w_bits, in_features, group_size, bias, a_bits, a_mode, a_scale, a_zp, w_sum):
-    """Triton twin of :func:`qdiff.ops.linear_int` (same arguments; ``w_sum`` is the optional cache)."""
+    """Triton twin of :func:`qdiff.backends.ops.linear_int` (same arguments; ``w_sum`` is the optional cache)."""
     out_dtype = _out_dtype(x)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, in_features)  # (M, K), any float dtype: the kernel converts to fp32 like x.float()
@@ -83,7 +83,7 @@ def conv2d_int(
     x, qweight, w_scale, *, w_bits, weight_shape, stride, padding, dilation, group_size, bias, a_bits, a_mode,
     a_scale, a_zp, w_sum,
 ) -> Tensor | None:  # fmt: skip
-    """Triton twin of :func:`qdiff.ops.conv2d_int`; returns None when the padding needs the torch path."""
+    """Triton twin of :func:`qdiff.backends.ops.conv2d_int`; returns None when the padding needs the torch path."""
     n, c, kh, kw = weight_shape
     pads = explicit_padding(padding, (kh, kw), dilation)
     if pads is None:

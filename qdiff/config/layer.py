@@ -6,9 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from qdiff.quant.primitives import SUPPORTED_BITS
-
-ACT_BITS = (4, 8)
+from qdiff.config.bits import ACT_BITS, WEIGHT_BITS
 
 
 @dataclass(frozen=True)
@@ -34,8 +32,8 @@ class LayerQuant:
     a_split: int | None = None
 
     def __post_init__(self) -> None:
-        if self.w_bits not in SUPPORTED_BITS:
-            raise ValueError(f"w_bits must be one of {SUPPORTED_BITS}, got {self.w_bits!r}")
+        if self.w_bits not in WEIGHT_BITS:
+            raise ValueError(f"w_bits must be one of {WEIGHT_BITS}, got {self.w_bits!r}")
         if self.granularity not in ("tensor", "channel", "group"):
             raise ValueError(f"granularity must be tensor, channel or group, got {self.granularity!r}")
         if (self.granularity == "group") != (self.group_size is not None):

@@ -3,7 +3,7 @@
 The torch path here is the *reference*: activations are quantized with the same primitives as the
 fake-quant path, the integer products are accumulated exactly (integer values held in float32
 when the worst-case sum stays below 2**24, float64 otherwise), then the scales are applied in an
-fp32 epilogue. The Triton kernels (:mod:`qdiff.ops_triton`, device code in ``qdiff._kernels``) run
+fp32 epilogue. The Triton kernels (:mod:`qdiff.backends.triton_ops`, device code in ``qdiff._kernels``) run
 behind the same functions when the tensor is on CUDA and Triton imports (``KernelPreference``); they are
 imported lazily, on the first call that dispatches to them.
 """
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from qdiff.errors import QdiffError
-from qdiff.quant.primitives import (
+from qdiff.numerics.primitives import (
     compute_qparams,
     dequantize_weight,
     qrange,
@@ -91,7 +91,7 @@ def _triton_ops(w_bits: int, a_bits: int | None, group_size: int | None, w_scale
         return None
     if group_size and w_scale.shape[1] > 1 and group_size % 16:  # tl.dot needs K tiles of >= 16
         return None
-    from qdiff import ops_triton
+    from qdiff.backends import triton_ops as ops_triton
 
     return ops_triton
 
