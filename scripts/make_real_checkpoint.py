@@ -1,0 +1,369 @@
+"""Write a REAL-SIZE random-weight denoiser checkpoint from a published config, never holding the model in memory.
+
+    python scripts/make_real_checkpoint.py --family sdxl --out /work/scratch/sdxl-real           # fp16, 5.1 GB
+    python scripts/make_real_checkpoint.py --family flux --out /work/scratch/flux-real           # bf16, 23.8 GB
+    python scripts/make_real_checkpoint.py --family sd15 --config-json tiny.json --out /tmp/tiny --max-shard-gb 0.001
+
+For testing streaming quantization (issue #11) without downloading weights. The denoiser is built on the meta
+device from the config (written below, copied from the published ``config.json`` files); its state_dict gives names,
+shapes and order. Shards are planned from the byte sizes alone, then each ``.safetensors`` file is written by
+streaming: the header first, then one tensor at a time, generated directly in the target dtype from a generator
+seeded by (``--seed``, tensor name) — so peak memory is about one tensor (~110 MB for FLUX), not one shard, and the
+values do not depend on the shard size. Init: 2-D+ weights ~ N(0, 0.02), 1-D weights (norms) = 1, biases = 0,
+persistent buffers their real values.
+
+Output, the diffusers layout: ``OUT/{unet|transformer}/config.json`` and either one
+``diffusion_pytorch_model.safetensors`` (when everything fits in one shard, as diffusers does) or
+``diffusion_pytorch_model-0000K-of-0000N.safetensors`` shards with ``diffusion_pytorch_model.safetensors.index.json``
+({"metadata": {"total_size": bytes}, "weight_map": {name: file}}); shards hold at most ``--max-shard-gb`` GB
+(10^9 bytes, as diffusers counts) unless one tensor alone is larger. ``DenoiserClass.from_pretrained(OUT,
+subfolder=...)`` loads it. ``--single-file`` writes all tensors into one file: ``OUT`` itself when it ends in
+``.safetensors``, else ``OUT/{sub}/diffusion_pytorch_model.safetensors`` (+ config.json). Keys are always diffusers
+names (what ``save_pretrained`` writes), not the original-repo names that diffusers' ``from_single_file`` expects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import sys
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+GB = 10**9
+
+# --- published configs (the same values as tests/models/test_adapters.py) -------------------------------------------
+
+SDXL_UNET = dict(  # stabilityai/sdxl-turbo and stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
+    act_fn="silu",
+    addition_embed_type="text_time",
+    addition_embed_type_num_heads=64,
+    addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20],
+    block_out_channels=[320, 640, 1280],
+    center_input_sample=False,
+    cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    downsample_padding=1,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=4,
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    mid_block_type="UNetMidBlock2DCrossAttn",
+    norm_eps=1e-05,
+    norm_num_groups=32,
+    out_channels=4,
+    projection_class_embeddings_input_dim=2816,
+    sample_size=64,  # sdxl-turbo: 64 (512 px); SDXL base: 128 (no effect on the weights)
+    transformer_layers_per_block=[1, 2, 10],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    use_linear_projection=True,
+)
+
+SD15_UNET = dict(  # runwayml/stable-diffusion-v1-5 unet/config.json
+    act_fn="silu",
+    attention_head_dim=8,
+    block_out_channels=[320, 640, 1280, 1280],
+    center_input_sample=False,
+    cross_attention_dim=768,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    downsample_padding=1,
+    flip_sin_to_cos=True,
+    freq_shift=0,
+    in_channels=4,
+    layers_per_block=2,
+    mid_block_scale_factor=1,
+    norm_eps=1e-05,
+    norm_num_groups=32,
+    out_channels=4,
+    sample_size=64,
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+)
+
+PIXART_1024 = dict(  # PixArt-alpha/PixArt-XL-2-1024-MS transformer/config.json
+    activation_fn="gelu-approximate",
+    attention_bias=True,
+    attention_head_dim=72,
+    caption_channels=4096,
+    cross_attention_dim=1152,
+    in_channels=4,
+    norm_elementwise_affine=False,
+    norm_eps=1e-06,
+    norm_type="ada_norm_single",
+    num_attention_heads=16,
+    num_embeds_ada_norm=1000,
+    num_layers=28,
+    out_channels=8,
+    patch_size=2,
+    sample_size=128,
+)
+
+FLUX_SCHNELL = dict(  # black-forest-labs/FLUX.1-schnell transformer/config.json
+    attention_head_dim=128,
+    guidance_embeds=False,
+    in_channels=64,
+    joint_attention_dim=4096,
+    num_attention_heads=24,
+    num_layers=19,
+    num_single_layers=38,
+    patch_size=1,
+    pooled_projection_dim=768,
+    axes_dims_rope=[16, 56, 56],
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    cls_name: str
+    subfolder: str
+    dtype: str  # the dtype the published weights ship in
+    config: dict[str, Any]
+
+
+FAMILIES = {
+    "sdxl": Family("UNet2DConditionModel", "unet", "fp16", SDXL_UNET),  # 2.57 B params
+    "sd15": Family("UNet2DConditionModel", "unet", "fp16", SD15_UNET),  # 0.86 B
+    "pixart": Family("PixArtTransformer2DModel", "transformer", "fp16", PIXART_1024),  # 0.61 B
+    "flux": Family("FluxTransformer2DModel", "transformer", "bf16", FLUX_SCHNELL),  # 11.9 B
+}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_ST_CODES = {  # safetensors dtype codes of what a state_dict may hold (buffers keep non-float dtypes)
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+# --- planning -------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    init: str  # "normal" | "ones" | "zeros" | "buffer"
+
+    @property
+    def nbytes(self) -> int:
+        return torch.Size(self.shape).numel() * self.dtype.itemsize
+
+
+def build_meta(cls_name: str, config: dict[str, Any]) -> torch.nn.Module:
+    """The denoiser with parameters on the meta device (no memory); buffers stay real (they are small)."""
+    import diffusers
+    from accelerate import init_empty_weights
+
+    cls = getattr(diffusers, cls_name)
+    with init_empty_weights(include_buffers=False):
+        return cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def tensor_specs(model: torch.nn.Module, dtype: torch.dtype) -> tuple[list[TensorSpec], dict[str, torch.Tensor]]:
+    """One spec per state_dict entry, in state_dict order, plus the real values of persistent buffers."""
+    params = {name for name, _ in model.named_parameters()}
+    specs, buffers = [], {}
+    for name, t in model.state_dict().items():
+        out_dtype = dtype if t.is_floating_point() else t.dtype
+        if name not in params:
+            init = "buffer"
+            buffers[name] = t.detach().to(out_dtype)
+        elif name.endswith("bias"):
+            init = "zeros"
+        elif t.dim() == 1:
+            init = "ones"
+        else:
+            init = "normal"
+        specs.append(TensorSpec(name, tuple(t.shape), out_dtype, init))
+    return specs, buffers
+
+
+def plan_shards(sizes: Sequence[tuple[str, int]], max_bytes: int) -> list[list[str]]:
+    """Greedy, order-preserving shard plan: a shard closes when the next tensor would push it over ``max_bytes``;
+    a tensor larger than ``max_bytes`` gets a shard of its own. Deterministic, from (name, nbytes) alone."""
+    shards: list[list[str]] = []
+    current: list[str] = []
+    used = 0
+    for name, nbytes in sizes:
+        if current and used + nbytes > max_bytes:
+            shards.append(current)
+            current, used = [], 0
+        current.append(name)
+        used += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def shard_file_names(n: int) -> list[str]:
+    """diffusers' names: one file unsharded, else ``diffusion_pytorch_model-0000K-of-0000N.safetensors``."""
+    if n == 1:
+        return [WEIGHTS_NAME]
+    stem = WEIGHTS_NAME.removesuffix(".safetensors")
+    return [f"{stem}-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+
+
+# --- writing --------------------------------------------------------------------------------------------------------
+
+
+def make_tensor(spec: TensorSpec, seed: int, buffers: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The tensor for ``spec``, generated directly in its dtype; seeded by (seed, name) only."""
+    if spec.init == "buffer":
+        return buffers[spec.name]
+    if spec.init == "zeros":
+        return torch.zeros(spec.shape, dtype=spec.dtype)
+    if spec.init == "ones":
+        return torch.ones(spec.shape, dtype=spec.dtype)
+    gen = torch.Generator("cpu").manual_seed((seed << 32) ^ zlib.crc32(spec.name.encode()))
+    return torch.randn(spec.shape, generator=gen, dtype=spec.dtype).mul_(0.02)
+
+
+def safetensors_header(specs: Sequence[TensorSpec]) -> bytes:
+    """Length-prefixed JSON header with contiguous data offsets in ``specs`` order, padded to 8 bytes."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for s in specs:
+        header[s.name] = {
+            "dtype": _ST_CODES[s.dtype],
+            "shape": list(s.shape),
+            "data_offsets": [offset, offset + s.nbytes],
+        }
+        offset += s.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_safetensors(path: Path, specs: Sequence[TensorSpec], make: Callable[[TensorSpec], torch.Tensor],
+                      progress: Callable[[int], Any] | None = None) -> None:  # fmt: skip
+    """Stream one safetensors file: header, then each tensor as it is made (one in memory at a time)."""
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        f.write(safetensors_header(specs))
+        for s in specs:
+            t = make(s)
+            if tuple(t.shape) != s.shape or t.dtype != s.dtype:
+                raise RuntimeError(f"{s.name}: made {tuple(t.shape)} {t.dtype}, planned {s.shape} {s.dtype}")
+            data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
+            f.write(memoryview(data))
+            if progress is not None:
+                progress(s.nbytes)
+            del t, data
+    os.replace(tmp, path)
+
+
+def _clear_old(folder: Path) -> None:
+    for p in folder.glob("diffusion_pytorch_model*.safetensors*"):
+        p.unlink()
+
+
+def write_checkpoint(model: torch.nn.Module, out: Path, dtype: torch.dtype, seed: int, max_bytes: int,
+                     single_file: bool = False, progress: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Write a model folder ``out`` (config.json + shards, or one weights file with ``single_file``), or with a
+    ``.safetensors`` path, just that file. Returns a summary."""
+    specs, buffers = tensor_specs(model, dtype)
+    by_name = {s.name: s for s in specs}
+    total = sum(s.nbytes for s in specs)
+    if out.suffix == ".safetensors":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        plan, files = [list(by_name)], [out]
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        _clear_old(out)
+        model.save_config(out)
+        plan = [list(by_name)] if single_file else plan_shards([(s.name, s.nbytes) for s in specs], max_bytes)
+        files = [out / n for n in shard_file_names(len(plan))]
+    free = shutil.disk_usage(files[0].parent).free
+    if total > free:
+        raise SystemExit(f"error: {total / GB:.2f} GB to write but only {free / GB:.2f} GB free on {files[0].parent}")
+    bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc="writing")
+    try:
+        for names, path in zip(plan, files):
+            bar.set_postfix_str(path.name)
+            write_safetensors(path, [by_name[n] for n in names], lambda s: make_tensor(s, seed, buffers), bar.update)
+    finally:
+        bar.close()
+    if len(files) > 1:
+        weight_map = {n: path.name for names, path in zip(plan, files) for n in names}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    return {"tensors": len(specs), "params": sum(torch.Size(s.shape).numel() for s in specs), "bytes": total,
+            "files": [str(f) for f in files]}  # fmt: skip
+
+
+def verify(target: Path, model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Re-open what was written (headers only) and check every name, shape and dtype against the model."""
+    from qdiff.export.checkpoint import open_checkpoint
+
+    specs, _ = tensor_specs(model, dtype)
+    with open_checkpoint(target) as reader:
+        if set(reader.keys()) != {s.name for s in specs}:
+            raise SystemExit(f"error: {target}: written names differ from the model's state_dict")
+        for s in specs:
+            if reader.shape(s.name) != s.shape or reader.dtype(s.name) != s.dtype:
+                got = f"{reader.shape(s.name)} {reader.dtype(s.name)}"
+                raise SystemExit(f"error: {target}: {s.name} reads back as {got}, expected {s.shape} {s.dtype}")
+
+
+def _load_config(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
+    family = FAMILIES[args.family]
+    if args.config_json is None:
+        return family.cls_name, family.subfolder, dict(family.config)
+    config = json.loads(Path(args.config_json).read_text())
+    cls_name = config.get("_class_name", family.cls_name)
+    subfolder = "unet" if cls_name.startswith("UNet") else "transformer"
+    return cls_name, subfolder, config
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--family", choices=sorted(FAMILIES), required=True)
+    p.add_argument("--out", type=Path, required=True, help="output folder (or a .safetensors path with --single-file)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: as published (flux bf16, else fp16)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit in 10^9 bytes (default 5)")
+    p.add_argument("--single-file", action="store_true", help="one .safetensors file, diffusers key names")
+    p.add_argument("--config-json", type=Path, help="use this config.json instead of the family's published one")
+    p.add_argument("--no-progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    cls_name, subfolder, config = _load_config(args)
+    dtype = DTYPES[args.dtype or FAMILIES[args.family].dtype]
+    model = build_meta(cls_name, config)
+    out = args.out if args.out.suffix == ".safetensors" else args.out / subfolder
+    if out.suffix == ".safetensors" and not args.single_file:
+        raise SystemExit("error: --out is a .safetensors file; add --single-file (or give a folder)")
+    start = time.perf_counter()
+    summary = write_checkpoint(model, out, dtype, args.seed, int(args.max_shard_gb * GB), args.single_file,
+                               progress=not args.no_progress)  # fmt: skip
+    verify(out, model, dtype)
+    print(f"{cls_name}: {summary['params']:,} params, {summary['tensors']} tensors, {summary['bytes'] / GB:.2f} GB "
+          f"in {len(summary['files'])} file(s) under {Path(summary['files'][0]).parent} "
+          f"({time.perf_counter() - start:.0f} s)")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
