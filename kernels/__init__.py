@@ -1,4 +1,4 @@
 """Triton device code, installed as ``qdiff._kernels``.
 
-Imported lazily by ``qdiff.backends.ops`` only, never at ``import qdiff``.
+Imported lazily by ``qdiff.backends.triton`` only (on the first call that runs there), never at ``import qdiff``.
 """

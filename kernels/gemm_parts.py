@@ -1,6 +1,6 @@
-"""Pieces shared by the W8A8 and W4A8 GEMMs: program-id swizzle, zero-point fold, fused epilogue, host launcher.
+"""Pieces of the integer GEMM (:mod:`.gemm`): program-id swizzle, zero-point fold, fused epilogue, host-side checks.
 
-Epilogue order is the torch reference's (``qdiff.backends.ops.linear_int``), so results match to the last bit:
+Epilogue order is the torch reference's (``qdiff.backends.reference.linear``), so results match to the last bit:
 ``y = f32(acc - zp * wsum) * w_scale`` (summed per group, in group order, for group-wise scales), then
 ``y = y * a_scale``, ``y = y + bias``, ``y.to(out_dtype)``. Kernels are launched with
 ``enable_fp_fusion=False`` so the compiler does not contract ``y * s + b`` into an FMA on GPU.
@@ -87,7 +87,7 @@ def store_output(
 # ---- host side ------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GemmArgs:
-    """Validated launch arguments common to both GEMMs (the weight pointer/strides are kernel-specific)."""
+    """Validated launch arguments of the GEMM (the weight tensor itself is checked by the launcher)."""
 
     out: torch.Tensor
     a_scale: torch.Tensor
@@ -156,25 +156,3 @@ def prepare(
         a_zp=a_zp.reshape(-1).to(device=dev, dtype=torch.int32) if has_zp else dummy,
         has_bias=bias is not None, has_zp=has_zp, group_k=group_k, tile=tile,
     )  # fmt: skip
-
-
-def launch(kernel, args: GemmArgs, qa: torch.Tensor, w: torch.Tensor, n: int, k: int, raw: bool):
-    """Launch ``kernel`` (same signature for W8A8 and W4A8) on a 1-D swizzled grid."""
-    m, t, ws = qa.shape[0], args.tile, args.w_sum
-    if m == 0 or n == 0:
-        return args.out
-    if k == 0:
-        raise ValueError("K must be > 0")
-    grid = (triton.cdiv(m, t.block_m) * triton.cdiv(n, t.block_n),)
-    kernel[grid](
-        qa, w, args.out, args.a_scale, args.w_scale, args.bias, ws, args.a_zp,
-        m, n, k,
-        qa.stride(0), qa.stride(1), w.stride(0), w.stride(1), args.out.stride(0), args.out.stride(1),
-        0 if args.a_scale.numel() == 1 else 1,
-        0 if args.w_scale.shape[0] == 1 else args.w_scale.stride(0), args.w_scale.stride(1),
-        ws.stride(0) if args.has_zp else 0, ws.stride(1) if args.has_zp else 0,
-        GROUP_K=args.group_k, HAS_BIAS=args.has_bias, HAS_ZP=args.has_zp, RAW_ACC=raw,
-        BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k, GROUP_M=t.group_m,
-        num_warps=t.num_warps, num_stages=t.num_stages, enable_fp_fusion=False,
-    )  # fmt: skip
-    return args.out

@@ -88,7 +88,7 @@ def fit_group(tile: Tile, group_size: int | None) -> Tile:
 
 
 def pick_tile(m: int, n: int, group_size: int | None, interpreter: bool, packed4: bool = False) -> Tile:
-    """Tile for an (M, K) x (N, K)^T GEMM (``packed4``: the W4A8 kernel); ``block_k`` divides ``group_size``."""
+    """Tile for an (M, K) x (N, K)^T GEMM (``packed4``: 4-bit weights, ``W_BITS=4``); ``block_k`` divides the group."""
     if interpreter:
         return fit_group(INTERPRETER_TILE, group_size)
     rules = (GPU_RULES_W4_GROUP if group_size else GPU_RULES_W4) if packed4 else GPU_RULES

@@ -78,8 +78,7 @@ def _exact_int(qa: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
 def _candidates(o: Operands, s: Shape, mach: Machine) -> dict[str, tuple]:
     """name -> (callable, check or None); checks return True when the int32 accumulator is exact."""
     from qdiff._kernels.act_quant import quantize_dynamic
-    from qdiff._kernels.gemm_w4a8 import gemm_w4a8
-    from qdiff._kernels.gemm_w8a8 import gemm_w8a8
+    from qdiff._kernels.gemm import gemm
 
     bf16 = torch.bfloat16
     wt = o.w.t()
@@ -94,13 +93,14 @@ def _candidates(o: Operands, s: Shape, mach: Machine) -> dict[str, tuple]:
         b8 = o.w.to(torch.float8_e4m3fn).t()
         one = torch.ones((), device=o.x.device)
         cands["fp8 torch._scaled_mm"] = (lambda: torch._scaled_mm(a8, b8, one, one, out_dtype=bf16), None)
-    g8 = lambda: gemm_w8a8(o.qa, o.qw8, o.sa, o.sw, out_dtype=bf16)  # noqa: E731
-    check8 = lambda: torch.equal(gemm_w8a8(o.qa, o.qw8, o.sa, o.sw, raw_acc=True), _exact_int(o.qa, o.qw8))  # noqa: E731
-    cands["qdiff W8A8 GEMM"] = (g8, check8)
+    k = s.k
+    g8 = lambda: gemm(o.qa, o.qw8, o.sa, o.sw, k=k, w_bits=8, out_dtype=bf16)  # noqa: E731
+    raw8 = lambda: gemm(o.qa, o.qw8, o.sa, o.sw, k=k, w_bits=8, raw_acc=True)  # noqa: E731
+    cands["qdiff W8A8 GEMM"] = (g8, lambda: torch.equal(raw8(), _exact_int(o.qa, o.qw8)))
 
     def act_then_gemm():  # what a dynamic W8A8 layer runs: per-token quantization, then the GEMM
         qa, sa = quantize_dynamic(o.x)
-        return gemm_w8a8(qa, o.qw8, sa, o.sw, out_dtype=bf16)
+        return gemm(qa, o.qw8, sa, o.sw, k=k, w_bits=8, out_dtype=bf16)
 
     cands["qdiff W8A8 act-quant + GEMM"] = (act_then_gemm, None)
     for gs in (None, 128, 64):
@@ -108,10 +108,10 @@ def _candidates(o: Operands, s: Shape, mach: Machine) -> dict[str, tuple]:
         label = "per-channel" if gs is None else f"g={gs}"
 
         def run(gs=gs, scale=scale):
-            return gemm_w4a8(o.qa, o.qw4, s.k, o.sa, scale, group_size=gs, out_dtype=bf16)
+            return gemm(o.qa, o.qw4, o.sa, scale, k=k, w_bits=4, group_size=gs, out_dtype=bf16)
 
         def check(gs=gs, scale=scale):
-            raw = gemm_w4a8(o.qa, o.qw4, s.k, o.sa, scale, group_size=gs, raw_acc=True)
+            raw = gemm(o.qa, o.qw4, o.sa, scale, k=k, w_bits=4, group_size=gs, raw_acc=True)
             return torch.equal(raw, _exact_int(o.qa, o.codes4))
 
         cands[f"qdiff W4A8 GEMM {label}"] = (run, check)
@@ -182,9 +182,7 @@ def _sweep(shapes, dev: torch.device, gen: torch.Generator) -> str:
 
 
 def _time_tile(label: str, o: Operands, s: Shape, tile, dev: torch.device) -> float:
-    from qdiff._kernels.gemm_w4a8 import gemm_w4a8
-    from qdiff._kernels.gemm_w8a8 import gemm_w8a8
+    from qdiff._kernels.gemm import gemm
 
-    if label == "W8A8":
-        return time_us(lambda: gemm_w8a8(o.qa, o.qw8, o.sa, o.sw, tile=tile), dev, 20, warmup=3)
-    return time_us(lambda: gemm_w4a8(o.qa, o.qw4, s.k, o.sa, o.sw, tile=tile), dev, 20, warmup=3)
+    qw, bits = (o.qw8, 8) if label == "W8A8" else (o.qw4, 4)
+    return time_us(lambda: gemm(o.qa, qw, o.sa, o.sw, k=s.k, w_bits=bits, tile=tile), dev, 20, warmup=3)

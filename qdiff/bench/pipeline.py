@@ -65,6 +65,7 @@ def _variant(model: str, recipe: str | None, dtype: torch.dtype, dev: torch.devi
 
 
 def _step_row(name, pipe, inputs, dev, reps, compile_: bool) -> tuple[list[str], float, float | None]:
+    from qdiff.backends.registry import recording
     from qdiff.eval.size import module_nbytes
     from qdiff.models.adapters import find_denoiser
 
@@ -75,6 +76,9 @@ def _step_row(name, pipe, inputs, dev, reps, compile_: bool) -> tuple[list[str],
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats(dev)
     with torch.inference_mode():
+        with recording() as calls:  # which backend each frozen layer really ran on (fallbacks included)
+            den(*args, **kwargs)
+        ran = {b: sum(c[0] == b for c in calls) for b in dict.fromkeys(c[0] for c in calls)}
         eager = time_us(lambda: den(*args, **kwargs), dev, reps, warmup=2) / 1e3
         peak = f"{torch.cuda.max_memory_allocated(dev) / 2**20:.0f}" if dev.type == "cuda" else "n/a"
         compiled, note = None, ""
@@ -89,7 +93,8 @@ def _step_row(name, pipe, inputs, dev, reps, compile_: bool) -> tuple[list[str],
                 first = str(exc).strip().splitlines()[0][:80] if str(exc).strip() else ""
                 note = f"compile failed: {type(exc).__name__}: {first}"
     row = [name, f"{weights_mib:.2f}", f"{eager:.2f}", "—" if compiled is None else f"{compiled:.2f}", peak]
-    return row + [note], eager, compiled
+    ran_note = ", ".join(f"{n} {b} calls" for b, n in ran.items())
+    return row + ["; ".join(filter(None, (ran_note, note)))], eager, compiled
 
 
 def run_pipeline_bench(
@@ -109,9 +114,9 @@ def run_pipeline_bench(
     dev = _device(device)
     if dev.type == "cpu" and kernel == "triton":
         os.environ["TRITON_INTERPRET"] = "1"  # before the first kernel import
-    from qdiff.backends.ops import resolve_backend
+    from qdiff.backends.registry import resolve
 
-    backend = resolve_backend(kernel, dev)
+    backend = resolve(kernel, dev)  # where covered layers run (named in the report)
     dt = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[
         dtype or ("float16" if dev.type == "cuda" else "float32")
     ]
@@ -143,7 +148,8 @@ def run_pipeline_bench(
         mach.header(),
         f"- command: `{command_line()}`",
         f"- model `{model}`, one denoiser call on a latent of shape {shape}, median of {reps} runs; "
-        f"quantized layers ran on the `{backend}` backend",
+        f"kernel `{kernel}`: covered layers run on the `{backend}` backend; the note counts one step's frozen calls "
+        "per backend (uncovered layers run on the torch reference)",
     ]
     if dev.type == "cpu" and backend == "torch":
         lines.append(

@@ -3,7 +3,8 @@
 * ``fake``   — float weight kept; weights and activations are fake-quantized on the fly (calibration,
   sensitivity analysis). An attached observer switches the layer to plain float and records inputs.
 * ``frozen`` — the float weight is gone; packed int8/int4/int2 weights (``qweight``) and fp32 scales
-  (``w_scale``) live in buffers, and the forward runs the integer op in :mod:`qdiff.backends.ops`.
+  (``w_scale``) live in buffers (viewed together as a :class:`~qdiff.numerics.packed.PackedWeight`), and the
+  forward runs the integer op picked by :mod:`qdiff.backends.registry`.
 
 Both states compute the same function up to float rounding (tested).
 """
@@ -14,20 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qdiff.backends import ops
+from qdiff.backends import registry
+from qdiff.backends.acts import ActSpec, ConvGeometry, fake_act
 from qdiff.config.layer import LayerQuant
-from qdiff.numerics.primitives import (
-    compute_qparams,
-    dequantize_weight,
-    expand_group_param,
-    fake_quantize,
-    pack_weight,
-    quantize_weight,
-    storage_bits,
-    token_qparams,
-    unpack_weight,
-    weight_minmax,
-)
+from qdiff.numerics.packed import PackedWeight
+from qdiff.numerics.primitives import compute_qparams, expand_group_param, fake_quantize, weight_minmax
 from qdiff.quant.observers import Observer, mse_weight_scale
 
 
@@ -37,6 +29,11 @@ def weight_scale(w2d: Tensor, q: LayerQuant) -> Tensor:
         return mse_weight_scale(w2d.float(), q.w_bits, q.granularity, q.group_size)
     lo, hi = weight_minmax(w2d.float(), q.granularity, q.group_size)
     return compute_qparams(lo, hi, q.w_bits, symmetric=True)[0]
+
+
+def _weight_key(w: Tensor) -> tuple:
+    """What autograd can see change about a weight: storage, version counter (in-place ops), device, dtype, shape."""
+    return (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
 
 
 class QuantLayer(nn.Module):
@@ -51,8 +48,8 @@ class QuantLayer(nn.Module):
         self.weight_shape = tuple(weight_shape)  # (N, K) or (N, C, kh, kw)
         self.state = "fake"
         self.observer: Observer | None = None  # set by calibration; forward then runs in float and records inputs
-        self.kernel = ops.KernelPreference.AUTO
-        self._w_scale_cache: Tensor | None = None
+        self.kernel = registry.AUTO  # backend preference (recipe key ``kernel``)
+        self._mse_scale: tuple | None = None  # (weight key, block min, block max, scale): see weight_scale()
         self.register_load_state_dict_post_hook(_refresh_zp_sums_hook)  # derived w_sum follows loaded codes
         if qcfg.static_act:  # one (scale, zp) per tensor; (2,) with a_split: [first part, second part]
             shape = (2,) if qcfg.split_act else ()
@@ -77,11 +74,23 @@ class QuantLayer(nn.Module):
         return self.weight.reshape(self.weight_shape[0], -1)
 
     def weight_scale(self) -> Tensor:
+        """fp32 (1,1) / (N,1) / (N,G) scale of the current weight (frozen: the stored one).
+
+        Min-max scales are recomputed on every call (one pass over W, a fraction of the fake-quant itself). An MSE
+        scale (a 100-point search) is cached and recomputed when the weight's storage, version counter, device or
+        dtype changes, or when any block's min or max changes: that also catches ``weight.data`` edits, which
+        bypass the version counter.
+        """
         if self.state == "frozen":
             return self.w_scale
-        if self._w_scale_cache is None or self._w_scale_cache.device != self.weight.device:
-            self._w_scale_cache = weight_scale(self._weight2d().detach(), self.qcfg)
-        return self._w_scale_cache
+        q, w2d = self.qcfg, self._weight2d().detach()
+        lo, hi = weight_minmax(w2d.float(), q.granularity, q.group_size)
+        if q.method != "mse":
+            return compute_qparams(lo, hi, q.w_bits, symmetric=True)[0]
+        key, cached = _weight_key(self.weight), self._mse_scale
+        if cached is None or cached[0] != key or not (torch.equal(cached[1], lo) and torch.equal(cached[2], hi)):
+            self._mse_scale = cached = (key, lo, hi, weight_scale(w2d, q))
+        return cached[3]
 
     def fake_weight(self) -> Tensor:
         """Weight after quantize→dequantize, original shape and dtype (straight-through gradient)."""
@@ -93,8 +102,21 @@ class QuantLayer(nn.Module):
         """Float32 weight as the layer computes with it (either state)."""
         if self.state == "fake":
             return self.fake_weight().detach().float()
-        q = unpack_weight(self.qweight, self.qcfg.w_bits, self.in_features_2d)
-        return dequantize_weight(q, self.w_scale, self.qcfg.group_size).reshape(self.weight_shape)
+        return self.packed_weight().dequantize().reshape(self.weight_shape)
+
+    def packed_weight(self) -> PackedWeight:
+        """The frozen weight as a :class:`PackedWeight` view of the ``qweight`` / ``w_scale`` buffers (no copy)."""
+        q = self.qcfg
+        return PackedWeight(
+            self.qweight, self.w_scale, q.w_bits, self.in_features_2d, q.group_size, sums=getattr(self, "w_sum", None)
+        )
+
+    def act_spec(self) -> ActSpec:
+        """How the input is quantized (the static range buffers are shared, not copied)."""
+        q = self.qcfg
+        if q.static_act:
+            return ActSpec(q.a_bits, q.a_mode, self.a_scale, self.a_zp, q.a_split if q.split_act else None)
+        return ActSpec(q.a_bits, q.a_mode, split=q.a_split if q.split_act else None)
 
     @torch.no_grad()
     def freeze(self) -> None:
@@ -103,14 +125,12 @@ class QuantLayer(nn.Module):
             return
         if self.qcfg.static_act and not bool(torch.isfinite(self.a_scale).all()):
             raise RuntimeError("static activation range not calibrated; run calibration before freeze()")
-        scale = self.weight_scale().float().contiguous()
-        q = quantize_weight(self._weight2d().float(), scale, self.qcfg.w_bits, self.qcfg.group_size)
-        packed = pack_weight(q, self.qcfg.w_bits).contiguous()
+        pw = PackedWeight.quantize(self._weight2d(), self.weight_scale(), self.qcfg.w_bits, self.qcfg.group_size)
         del self.weight
         self.register_parameter("weight", None)
-        self.register_buffer("qweight", packed)
-        self.register_buffer("w_scale", scale)
-        self._w_scale_cache = None
+        self.register_buffer("qweight", pw.codes)
+        self.register_buffer("w_scale", pw.scale)
+        self._mse_scale = None
         self.state = "frozen"
         self.refresh_zp_sums()
 
@@ -122,22 +142,17 @@ class QuantLayer(nn.Module):
         """
         if self.state != "frozen" or not self.qcfg.static_act or self.qcfg.split_act or self.qweight.is_meta:
             return  # split layers always run the torch reference, which does not use w_sum
-        q = self.qcfg
-        sums = ops.weight_sums(self.qweight, q.w_bits, self.in_features_2d, q.group_size, self.w_scale.shape[1])
-        self.register_buffer("w_sum", sums, persistent=False)
+        self._buffers.pop("w_sum", None)  # recompute from the current codes, not from a stale cache
+        self.register_buffer("w_sum", self.packed_weight().code_sums(), persistent=False)
 
     def make_frozen_shell(self, device: torch.device | str = "meta") -> None:
         """Turn a fresh fake layer into an empty frozen layer (buffers of the right shape) for loading."""
-        n, k = self.out_features_2d, self.in_features_2d
-        bits = storage_bits(self.qcfg.w_bits)
-        per_byte = 8 // bits
-        qdtype = torch.int8 if bits == 8 else torch.uint8
-        groups = 1 if self.qcfg.granularity != "group" else -(-k // self.qcfg.group_size)
-        rows = 1 if self.qcfg.granularity == "tensor" else n
+        q, n, k = self.qcfg, self.out_features_2d, self.in_features_2d
+        pw = PackedWeight.empty(n, k, q.w_bits, q.granularity, q.group_size, device)
         del self.weight
         self.register_parameter("weight", None)
-        self.register_buffer("qweight", torch.empty(n, -(-k // per_byte), dtype=qdtype, device=device))
-        self.register_buffer("w_scale", torch.empty(rows, groups, dtype=torch.float32, device=device))
+        self.register_buffer("qweight", pw.codes)
+        self.register_buffer("w_scale", pw.scale)
         self.state = "frozen"
 
     def _adopt(self, layer: nn.Module) -> QuantLayer:
@@ -154,25 +169,9 @@ class QuantLayer(nn.Module):
         self.a_scale.copy_(_per_part(scale).reshape(self.a_scale.shape))
         self.a_zp.copy_(_per_part(zero_point).reshape(self.a_zp.shape).to(torch.int32))
 
-    def _dynamic_act_scale(self, xf: Tensor) -> Tensor:  # per token (Linear) / per sample (Conv2d)
-        raise NotImplementedError
-
     def fake_act(self, x: Tensor) -> Tensor:
-        q = self.qcfg
-        if q.a_bits is None:
-            return x
-        if q.split_act:  # each channel part with its own quantizer (Q-Diffusion shortcut splitting)
-            parts = (x[:, : q.a_split], x[:, q.a_split :])
-            return torch.cat([self._fake_act_part(p, i) for i, p in enumerate(parts)], dim=1)
-        if q.a_mode == "static":
-            return fake_quantize(x, self.a_scale, self.a_zp, q.a_bits, symmetric=False)
-        return fake_quantize(x, self._dynamic_act_scale(x.detach().float()), None, q.a_bits, symmetric=True)
-
-    def _fake_act_part(self, x: Tensor, part: int) -> Tensor:
-        q = self.qcfg
-        if q.a_mode == "static":
-            return fake_quantize(x, self.a_scale[part], self.a_zp[part], q.a_bits, symmetric=False)
-        return fake_quantize(x, self._dynamic_act_scale(x.detach().float()), None, q.a_bits, symmetric=True)
+        """Input after quantize→dequantize, as the frozen op quantizes it (straight-through gradient)."""
+        return fake_act(x, self.act_spec(), per_sample=isinstance(self, QuantConv2d))
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -186,7 +185,6 @@ class QuantLayer(nn.Module):
             return self._float_op(x, self.weight if self.state == "fake" else self.dequantized_weight().to(x.dtype))
         if self.state == "fake":
             return self._float_op(self.fake_act(x), self.fake_weight())
-        ops.resolve_backend(self.kernel, x.device)
         return self._int_op(x)
 
     def _float_op(self, x: Tensor, w: Tensor) -> Tensor:
@@ -215,20 +213,11 @@ class QuantLinear(QuantLayer):
         m = cls(layer.in_features, layer.out_features, layer.bias is not None, qcfg, device="meta")
         return m._adopt(layer)
 
-    def _dynamic_act_scale(self, xf: Tensor) -> Tensor:
-        return token_qparams(xf, self.qcfg.a_bits)[0]
-
     def _float_op(self, x: Tensor, w: Tensor) -> Tensor:
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _int_op(self, x: Tensor) -> Tensor:
-        q = self.qcfg
-        return ops.linear_int(
-            x, self.qweight, self.w_scale, w_bits=q.w_bits, in_features=self.in_features, group_size=q.group_size,
-            bias=self.bias, a_bits=q.a_bits, a_mode=q.a_mode,
-            a_scale=getattr(self, "a_scale", None), a_zp=getattr(self, "a_zp", None),
-            kernel=self.kernel, w_sum=getattr(self, "w_sum", None),
-        )  # fmt: skip
+        return registry.dispatch("linear", x, self.packed_weight(), self.act_spec(), self.bias, preference=self.kernel)
 
 
 class QuantConv2d(QuantLayer):
@@ -261,29 +250,17 @@ class QuantConv2d(QuantLayer):
         m = cls(cls.conv_args(layer), layer.bias is not None, qcfg, device="meta")
         return m._adopt(layer)
 
-    def _dynamic_act_scale(self, xf: Tensor) -> Tensor:
-        amax = xf.abs().amax(dim=(1, 2, 3), keepdim=True)
-        return compute_qparams(-amax, amax, self.qcfg.a_bits, symmetric=True)[0]
-
     def _float_op(self, x: Tensor, w: Tensor) -> Tensor:
         b = None if self.bias is None else self.bias.to(x.dtype)
         return F.conv2d(x, w.to(x.dtype), b, stride=self.stride, padding=self.padding, dilation=self.dilation)
 
+    def geometry(self) -> ConvGeometry:
+        return ConvGeometry(self.weight_shape, self.stride, self.padding, self.dilation)  # type: ignore[arg-type]
+
     def _int_op(self, x: Tensor) -> Tensor:
-        q = self.qcfg
-        if q.split_act:  # two activation scales: the torch reference always (no Triton kernel covers it)
-            return ops.conv2d_int_split(
-                x, self.qweight, self.w_scale, split=q.a_split, w_bits=q.w_bits, weight_shape=self.weight_shape,
-                stride=self.stride, padding=self.padding, dilation=self.dilation, group_size=q.group_size,
-                bias=self.bias, a_bits=q.a_bits, a_mode=q.a_mode, a_scale=getattr(self, "a_scale", None),
-                a_zp=getattr(self, "a_zp", None),
-            )  # fmt: skip
-        return ops.conv2d_int(
-            x, self.qweight, self.w_scale, w_bits=q.w_bits, weight_shape=self.weight_shape, stride=self.stride,
-            padding=self.padding, dilation=self.dilation, group_size=q.group_size, bias=self.bias,
-            a_bits=q.a_bits, a_mode=q.a_mode, a_scale=getattr(self, "a_scale", None), a_zp=getattr(self, "a_zp", None),
-            kernel=self.kernel, w_sum=getattr(self, "w_sum", None),
-        )  # fmt: skip
+        return registry.dispatch(
+            "conv2d", x, self.packed_weight(), self.act_spec(), self.bias, self.geometry(), preference=self.kernel
+        )
 
 
 def _per_part(value) -> Tensor:

@@ -1,4 +1,4 @@
-"""W8A8 / W4A8 GEMM kernels: exact int32 accumulation vs float64 integer matmuls, epilogue to the last bit.
+"""The integer GEMM kernel (8- and 4-bit weights): exact int32 accumulation vs float64 matmuls, epilogue bit-exact.
 
 Shapes are chosen against the 128x128x64 interpreter tile and the explicit 32x32x32 tile below so that M, N
 and K leave ragged edge tiles (and several tiles per dimension); every output is poisoned before the run to
@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from qdiff._kernels.gemm_w4a8 import gemm_w4a8
-from qdiff._kernels.gemm_w8a8 import gemm_w8a8
+from qdiff._kernels.gemm import gemm
 from qdiff._kernels.tiles import Tile
 
 from qdiff.numerics.primitives import pack_int4
@@ -29,10 +28,8 @@ def _poison(m, n, dtype, device, value):
 
 
 def _run(w_bits, qa, qw, k, a_scale, w_scale, dev, **kw):
-    args = (qa.to(dev), None, a_scale.to(dev), w_scale.to(dev))
-    if w_bits == 8:
-        return gemm_w8a8(args[0], qw.to(dev), *args[2:], **kw)
-    return gemm_w4a8(args[0], pack_int4(qw).to(dev), k, *args[2:], **kw)
+    stored = qw if w_bits == 8 else pack_int4(qw)
+    return gemm(qa.to(dev), stored.to(dev), a_scale.to(dev), w_scale.to(dev), k=k, w_bits=w_bits, **kw)
 
 
 @pytest.mark.parametrize("w_bits", [8, 4])
@@ -68,7 +65,7 @@ def test_raw_accumulator_groupwise_with_zero_point(kdev, gen, w_bits, group_size
 
 
 def _epilogue_reference(acc_groups, w_scale, a_scale, bias, out_dtype):
-    """The reference epilogue (ops.linear_int), in its order: sum_g f32(acc_g) * sw_g, * sa, + b, cast."""
+    """The reference epilogue (backends.reference.linear), in its order: sum_g f32(acc_g) * sw_g, * sa, + b, cast."""
     y = torch.zeros(acc_groups[0].shape, dtype=torch.float32)
     for g, acc in enumerate(acc_groups):
         y += acc.float() * w_scale[:, g].reshape(1, -1)
@@ -109,13 +106,17 @@ def test_fused_epilogue_bit_exact(kdev, gen, out_dtype, w_bits, scales, has_bias
 
 def test_bad_arguments_raise(kdev):
     qa = torch.zeros(4, 32, dtype=torch.int8, device=kdev)
+    w8 = torch.zeros(8, 32, dtype=torch.int8, device=kdev)
+    one, ones = torch.ones(1), torch.ones(1, 1)
     with pytest.raises(ValueError, match="activations must be int8"):
-        gemm_w8a8(qa.float(), torch.zeros(8, 32, dtype=torch.int8, device=kdev), torch.ones(1), torch.ones(1, 1))
-    with pytest.raises(ValueError, match="packed uint8"):
-        gemm_w4a8(qa, torch.zeros(8, 32, dtype=torch.uint8, device=kdev), 32, torch.ones(1), torch.ones(1, 1))
+        gemm(qa.float(), w8, one, ones, k=32, w_bits=8)
+    with pytest.raises(ValueError, match="4-bit weights must be packed uint8"):
+        gemm(qa, torch.zeros(8, 32, dtype=torch.uint8, device=kdev), one, ones, k=32, w_bits=4)
+    with pytest.raises(ValueError, match="8-bit weights must be int8"):
+        gemm(qa, torch.zeros(8, 16, dtype=torch.uint8, device=kdev), one, ones, k=32, w_bits=8)
+    with pytest.raises(ValueError, match="w_bits must be one of"):
+        gemm(qa, torch.zeros(8, 8, dtype=torch.uint8, device=kdev), one, ones, k=32, w_bits=2)
     with pytest.raises(ValueError, match="needs w_sum"):
-        gemm_w8a8(qa, torch.zeros(8, 32, dtype=torch.int8, device=kdev), torch.ones(1), torch.ones(8, 1),
-                  a_zp=torch.zeros(1, dtype=torch.int32))  # fmt: skip
+        gemm(qa, w8, one, torch.ones(8, 1), k=32, w_bits=8, a_zp=torch.zeros(1, dtype=torch.int32))
     with pytest.raises(ValueError, match="must divide group_size"):
-        gemm_w8a8(qa, torch.zeros(8, 32, dtype=torch.int8, device=kdev), torch.ones(1), torch.ones(8, 2),
-                  group_size=16, tile=SMALL)  # fmt: skip
+        gemm(qa, w8, one, torch.ones(8, 2), k=32, w_bits=8, group_size=16, tile=SMALL)

@@ -1,4 +1,9 @@
-"""Dispatch in qdiff.backends.ops and frozen modules through both paths (Triton interpreter vs torch reference)."""
+"""Frozen modules through the Triton backend (interpreter on CPU) vs the torch reference, bit for bit.
+
+Every comparison first checks with the spy (:func:`qdiff.backends.registry.recording`) that the reference run
+really ran on "torch" and the Triton run really ran on "triton": comparing the reference with itself cannot pass
+for a Triton test (``test_dispatch_tests_fail_without_triton`` proves it).
+"""
 
 from __future__ import annotations
 
@@ -9,46 +14,11 @@ import pytest
 import torch
 from torch import nn
 
-from qdiff.backends import ops
+from qdiff.backends.registry import recording
+from qdiff.backends.triton import TritonBackend
 from qdiff.config.layer import LayerQuant
-from qdiff.errors import QdiffError
 from qdiff.numerics.primitives import compute_qparams, unpack_weight
-from qdiff.quant.modules import QuantLayer, quant_module_for
-
-
-def test_resolve_backend_rules(monkeypatch):
-    assert ops.resolve_backend("torch", "cuda") == "torch"
-    assert ops.resolve_backend("auto", "cpu") == "torch"
-    assert ops.resolve_backend("auto", "cuda") == "triton"  # decided from the device type; no GPU needed
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert ops.resolve_backend("triton", "cpu") == "triton"
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(QdiffError, match="Triton needs CUDA"):
-        ops.resolve_backend("triton", "cpu")
-    with pytest.raises(QdiffError, match="allowed values are auto, torch, triton"):
-        ops.resolve_backend("cutlass", "cpu")
-    monkeypatch.setattr(ops, "triton_available", lambda: False)
-    assert ops.resolve_backend("auto", "cuda") == "torch"
-    with pytest.raises(QdiffError, match="not installed"):
-        ops.resolve_backend("triton", "cuda")
-
-
-def test_ops_import_is_lazy():
-    code = "import sys, qdiff.backends.ops, qdiff.quant.modules; assert 'triton' not in sys.modules; print('ok')"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
-
-
-def test_weight_sums_brute_force(gen):
-    from qdiff.numerics.primitives import pack_int4
-
-    q = torch.randint(-8, 8, (5, 75), generator=gen, dtype=torch.int8)
-    sums = ops.weight_sums(pack_int4(q), 4, 75, 32, 3)
-    for n in range(5):
-        for g in range(3):
-            assert int(sums[n, g]) == sum(int(v) for v in q[n, g * 32 : (g + 1) * 32])
-    assert torch.equal(ops.weight_sums(q, 8, 75, None, 1)[:, 0], q.int().sum(1))
-
+from qdiff.quant.modules import QuantLayer, QuantLinear, quant_module_for
 
 CONFIGS = {
     "w8a8-dyn": LayerQuant(),
@@ -67,6 +37,13 @@ LAYERS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    """'triton' on a CPU tensor runs the interpreter (conftest sets this already when there is no GPU)."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
 def _frozen(layer_key, cfg_key, gen):
     make, shape = LAYERS[layer_key]
     torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
@@ -79,14 +56,18 @@ def _frozen(layer_key, cfg_key, gen):
     return m, x
 
 
-def _both(m: QuantLayer, x: torch.Tensor, dev: torch.device):
-    """(torch reference, Triton) outputs on ``dev`` (CPU: the Triton interpreter)."""
+def _both(m: QuantLayer, x: torch.Tensor, dev: torch.device, expect: str = "triton"):
+    """(torch reference, kernel 'triton') outputs on ``dev``; the spy must show which backend ran each."""
     m.to(dev)
     x = x.to(dev)
-    m.kernel = "torch"
-    ref = m(x)
-    m.kernel = "triton"
-    return ref, m(x)
+    op = "linear" if isinstance(m, QuantLinear) else "conv2d"
+    with recording() as calls:
+        m.kernel = "torch"
+        ref = m(x)
+        m.kernel = "triton"
+        out = m(x)
+    assert calls == [("torch", op), (expect, op)], calls
+    return ref, out
 
 
 @pytest.mark.parametrize("cfg_key", list(CONFIGS))
@@ -95,6 +76,14 @@ def test_frozen_module_same_output_both_paths(kdev, gen, layer_key, cfg_key):
     m, x = _frozen(layer_key, cfg_key, gen)
     ref, out = _both(m, x, kdev)
     assert torch.equal(ref, out)
+
+
+def test_dispatch_tests_fail_without_triton(kdev, gen, monkeypatch):
+    """Meta-test: with the Triton backend disabled, a Triton-path test above fails (no torch-vs-torch pass)."""
+    test_frozen_module_same_output_both_paths(kdev, gen, "conv3x3", "w8a8-static")  # passes as it is
+    monkeypatch.setattr(TritonBackend, "supports", lambda *a: False)
+    with pytest.raises(AssertionError, match=r"\('torch', 'conv2d'\), \('torch', 'conv2d'\)"):
+        test_frozen_module_same_output_both_paths(kdev, gen, "conv3x3", "w8a8-static")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -106,13 +95,23 @@ def test_frozen_module_half_precision(kdev, gen, dtype, layer_key):
     assert out.dtype == dtype and torch.equal(ref, out)
 
 
-def test_uncovered_layers_fall_back_to_reference(kdev, gen):
-    """2-bit weights and weight-only layers have no kernel: 'triton' still runs them (torch path)."""
-    for cfg in (LayerQuant(w_bits=2), LayerQuant(w_bits=4, a_bits=None)):
-        m = quant_module_for(nn.Linear(64, 16), cfg)
-        m.freeze()
-        ref, out = _both(m, torch.randn(4, 64, generator=gen), kdev)
-        assert torch.equal(ref, out)
+@pytest.mark.parametrize(
+    "cfg", [LayerQuant(w_bits=2), LayerQuant(w_bits=4, a_bits=None), LayerQuant(granularity="group", group_size=24)]
+)
+def test_uncovered_layers_fall_back_to_reference(kdev, gen, cfg):
+    """2-bit weights, weight-only layers and groups not a multiple of 16: kernel 'triton' runs the reference."""
+    m = quant_module_for(nn.Linear(64, 16), cfg)
+    m.freeze()
+    ref, out = _both(m, torch.randn(4, 64, generator=gen), kdev, expect="torch")
+    assert torch.equal(ref, out)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+def test_uneven_same_padding_falls_back_to_reference(kdev, gen):
+    m = quant_module_for(nn.Conv2d(4, 6, 2, padding="same"), LayerQuant())
+    m.freeze()
+    ref, out = _both(m, torch.randn(1, 4, 5, 5, generator=gen), kdev, expect="torch")
+    assert torch.equal(ref, out)
 
 
 def test_w_sum_buffer_follows_freeze_and_load(kdev, gen):
@@ -128,6 +127,27 @@ def test_w_sum_buffer_follows_freeze_and_load(kdev, gen):
     assert torch.equal(shell.w_sum, expected)
     ref, out = _both(shell, x, kdev)
     assert torch.equal(ref, out)
+    with torch.no_grad():  # new codes loaded in place: the sums follow them (not the old cache)
+        state["qweight"] = torch.flip(state["qweight"], dims=[1]).contiguous()
+        shell.load_state_dict(state)
+    flipped = unpack_weight(shell.qweight.cpu(), 4, shell.in_features_2d).int()
+    assert torch.equal(shell.w_sum.cpu()[:, 0], flipped[:, :32].sum(1))
+
+
+def test_auto_runs_reference_on_cpu_without_importing_triton():
+    code = (
+        "import sys, torch\n"
+        "from qdiff.config.layer import LayerQuant\n"
+        "from qdiff.quant.modules import quant_module_for\n"
+        "from qdiff.backends.registry import recording\n"
+        "m = quant_module_for(torch.nn.Linear(32, 8), LayerQuant()); m.freeze()\n"
+        "with recording() as calls: m(torch.randn(2, 32))\n"
+        "assert calls == [('torch', 'linear')], calls\n"
+        "assert 'triton' not in sys.modules and 'qdiff._kernels' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
 @pytest.mark.parametrize("recipe", ["w8a8", "w4a8"])
@@ -148,6 +168,8 @@ def test_tiny_unet_step_same_through_both_paths(kdev, recipe):
     for kernel in ("torch", "triton"):
         for m in layers.values():
             m.kernel = kernel
-        with torch.no_grad():
+        with torch.no_grad(), recording() as calls:
             outs.append(unet(sample, 500, encoder_hidden_states=text).sample)
+        assert {name for name, _ in calls} == {kernel}  # every quantized layer ran on the requested backend
+        assert len(calls) >= len(layers)
     assert torch.equal(outs[0], outs[1])

@@ -8,7 +8,7 @@ from torch import nn
 
 from qdiff.calib.metrics import sqnr_db
 from qdiff.config.layer import LayerQuant
-from qdiff.numerics.primitives import qrange
+from qdiff.numerics.primitives import compute_qparams, qrange
 from qdiff.quant.modules import QuantConv2d, QuantLinear, quant_module_for
 
 CONFIGS = [
@@ -140,25 +140,84 @@ def test_quantized_activation_levels(gen):
         assert row.unique().numel() <= hi - lo + 1
 
 
-def test_shells_match_frozen_shapes():
-    for layer in (nn.Linear(50, 7), nn.Conv2d(5, 6, 3)):
-        for q in CONFIGS:
-            if q.static_act:
-                continue
-            real = quant_module_for(layer, q)
-            real.freeze()
-            shell = type(real)(
-                *((50, 7, True, q) if isinstance(layer, nn.Linear) else (QuantConv2d.conv_args(layer), True, q)),
-                device="meta",
-            )
-            shell.make_frozen_shell("meta")
-            for (k1, v1), (k2, v2) in zip(sorted(real.state_dict().items()), sorted(shell.state_dict().items())):
-                assert k1 == k2 and v1.shape == v2.shape and v1.dtype == v2.dtype, (q, k1)
+@pytest.mark.parametrize("qcfg", CONFIGS, ids=lambda q: f"{q.tag()}-{q.granularity}-{q.a_mode}-{q.method}")
+@pytest.mark.parametrize("layer", [nn.Linear(50, 7), nn.Conv2d(5, 6, 3)], ids=["linear", "conv"])
+def test_shells_match_frozen_shapes(layer, qcfg):
+    """An empty load shell has exactly the frozen layer's state: same keys, then same shapes and dtypes."""
+    real = quant_module_for(layer, qcfg)
+    if qcfg.static_act:
+        real.set_act_qparams(torch.tensor(0.1), torch.tensor(3))
+    real.freeze()
+    args = (50, 7, True, qcfg) if isinstance(layer, nn.Linear) else (QuantConv2d.conv_args(layer), True, qcfg)
+    shell = type(real)(*args, device="meta")
+    shell.make_frozen_shell("meta")
+    real_state, shell_state = real.state_dict(), shell.state_dict()
+    assert real_state.keys() == shell_state.keys()
+    for key, value in real_state.items():
+        assert (value.shape, value.dtype) == (shell_state[key].shape, shell_state[key].dtype), key
 
 
-def test_gradient_flows_in_fake_state(gen):
-    """Fake state is differentiable (straight-through): needed by later learned calibration."""
-    m = QuantLinear.from_float(nn.Linear(8, 3), LayerQuant(w_bits=4, a_bits=8))
-    x = torch.randn(2, 8, generator=gen, requires_grad=True)
-    m(x).sum().backward()
-    assert x.grad is not None and m.weight.grad is not None and torch.isfinite(x.grad).all()
+@pytest.mark.parametrize("qcfg", [LayerQuant(w_bits=4, a_bits=8), LayerQuant(w_bits=8, a_bits=8, a_mode="static")])
+def test_gradient_is_straight_through_in_fake_state(gen, qcfg):
+    """Fake state is differentiable with straight-through gradients (primitives' ``_StraightThrough``: identity,
+    clipped elements included): the gradients are those of the float layer evaluated at the fake-quantized
+    weight and input, whose own gradients pass to the float weight and input unchanged."""
+    torch.manual_seed(0)
+    m = QuantLinear.from_float(nn.Linear(8, 3), qcfg)
+    x = torch.randn(2, 8, generator=gen) * 3
+    if qcfg.static_act:  # a narrow range: many inputs are clipped, and their gradient still passes
+        m.set_act_qparams(*compute_qparams(torch.tensor(-1.0), torch.tensor(1.0), 8, symmetric=False))
+    upstream = torch.randn(2, 3, generator=gen)
+    xg = x.clone().requires_grad_(True)
+    (m(xg) * upstream).sum().backward()
+    # float reference: the same linear at the fake-quantized (leaf) weight and input
+    wq = m.fake_weight().detach().requires_grad_(True)
+    xq = m.fake_act(x).detach().requires_grad_(True)
+    bias = m.bias.detach().clone().requires_grad_(True)
+    (nn.functional.linear(xq, wq, bias) * upstream).sum().backward()
+    assert torch.equal(xg.grad, xq.grad)
+    assert torch.equal(m.weight.grad, wq.grad)
+    assert torch.equal(m.bias.grad, bias.grad)
+    assert torch.allclose(xg.grad.double(), upstream.double() @ wq.detach().double(), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+@pytest.mark.parametrize("update", ["data_mul", "data_copy", "no_grad_mul", "param_swap"])
+def test_fake_weight_follows_in_place_updates(gen, method, update):
+    """Issue #18: the weight scale was cached per device only, so an updated weight kept the old scale."""
+    layer = nn.Linear(64, 16)
+    m = quant_module_for(layer, LayerQuant(w_bits=4, a_bits=8, method=method))
+    before = m.fake_weight().detach().clone()
+    new = torch.randn(16, 64, generator=gen) * 8.0
+    if update == "data_mul":
+        m.weight.data.mul_(8.0)  # bypasses autograd's version counter
+    elif update == "data_copy":
+        m.weight.data.copy_(new)
+    elif update == "no_grad_mul":
+        with torch.no_grad():
+            m.weight.mul_(8.0)
+    else:
+        m.weight = nn.Parameter(new.clone())
+    fresh = quant_module_for(nn.Linear(64, 16), m.qcfg)
+    fresh.weight = nn.Parameter(m.weight.detach().clone())
+    after = m.fake_weight().detach()
+    assert torch.equal(after, fresh.fake_weight().detach())
+    assert not torch.equal(after, before)
+    err = float((after - m.weight.detach()).abs().max() / m.weight.detach().abs().max())
+    assert err < 0.25  # with the stale scale, values clip to the old range: error ~0.9 after the 8x update
+
+
+def test_mse_weight_scale_is_cached_until_the_weight_changes(gen, monkeypatch):
+    import qdiff.quant.modules as modules
+
+    m = quant_module_for(nn.Linear(32, 8), LayerQuant(w_bits=4, a_bits=8, method="mse"))
+    calls = []
+    real = modules.mse_weight_scale
+    monkeypatch.setattr(modules, "mse_weight_scale", lambda *a, **k: calls.append(1) or real(*a, **k))
+    for _ in range(3):
+        m.fake_weight()
+    assert len(calls) == 1
+    with torch.no_grad():
+        m.weight[0, 0] = 0.0  # in place, same storage: the version counter moves
+    m.fake_weight()
+    assert len(calls) == 2
