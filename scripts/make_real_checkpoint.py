@@ -7,10 +7,10 @@
 For testing streaming quantization (issue #11) without downloading weights. The denoiser is built on the meta
 device from the config (written below, copied from the published ``config.json`` files); its state_dict gives names,
 shapes and order. Shards are planned from the byte sizes alone, then each ``.safetensors`` file is written by
-streaming: the header first, then one tensor at a time, generated directly in the target dtype from a generator
-seeded by (``--seed``, tensor name) — so peak memory is about one tensor (~110 MB for FLUX), not one shard, and the
-values do not depend on the shard size. Init: 2-D+ weights ~ N(0, 0.02), 1-D weights (norms) = 1, biases = 0,
-persistent buffers their real values.
+streaming (``qdiff.export.shards``, the writer qdiff's exports use): the header first, then one tensor at a time,
+generated directly in the target dtype from a generator seeded by (``--seed``, tensor name) — so peak memory is
+about one tensor (~110 MB for FLUX), not one shard, and the values do not depend on the shard size.
+Init: 2-D+ weights ~ N(0, 0.02), 1-D weights (norms) = 1, biases = 0, persistent buffers their real values.
 
 Output, the diffusers layout: ``OUT/{unet|transformer}/config.json`` and either one
 ``diffusion_pytorch_model.safetensors`` (when everything fits in one shard, as diffusers does) or
@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import struct
 import sys
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,8 +38,12 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from qdiff.export import shards
+from qdiff.export.shards import ShardedWriter, plan_shards, write_safetensors  # noqa: F401 (plan_shards: tests)
+from qdiff.models.families import current_registry
+
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
+INDEX_NAME = shards.index_name(WEIGHTS_NAME)
 GB = 10**9
 
 # --- published configs (the same values as tests/models/test_adapters.py) -------------------------------------------
@@ -127,45 +129,38 @@ FLUX_SCHNELL = dict(  # black-forest-labs/FLUX.1-schnell transformer/config.json
 
 @dataclass(frozen=True)
 class Family:
-    cls_name: str
-    subfolder: str
+    cls_name: str  # the diffusers denoiser class; its pipeline attribute (the subfolder) comes from the registry
     dtype: str  # the dtype the published weights ship in
     config: dict[str, Any]
 
+    @property
+    def subfolder(self) -> str:
+        return subfolder_of(self.cls_name)
+
 
 FAMILIES = {
-    "sdxl": Family("UNet2DConditionModel", "unet", "fp16", SDXL_UNET),  # 2.57 B params
-    "sd15": Family("UNet2DConditionModel", "unet", "fp16", SD15_UNET),  # 0.86 B
-    "pixart": Family("PixArtTransformer2DModel", "transformer", "fp16", PIXART_1024),  # 0.61 B
-    "flux": Family("FluxTransformer2DModel", "transformer", "bf16", FLUX_SCHNELL),  # 11.9 B
+    "sdxl": Family("UNet2DConditionModel", "fp16", SDXL_UNET),  # 2.57 B params
+    "sd15": Family("UNet2DConditionModel", "fp16", SD15_UNET),  # 0.86 B
+    "pixart": Family("PixArtTransformer2DModel", "fp16", PIXART_1024),  # 0.61 B
+    "flux": Family("FluxTransformer2DModel", "bf16", FLUX_SCHNELL),  # 11.9 B
 }
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-_ST_CODES = {  # safetensors dtype codes of what a state_dict may hold (buffers keep non-float dtypes)
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.float32: "F32",
-    torch.float64: "F64",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+
+
+def subfolder_of(cls_name: str) -> str:
+    """The pipeline attribute the family registry declares for a denoiser class (``unet``, ``transformer``)."""
+    arch = next((a for a in current_registry().architectures if cls_name in a.classes), None)
+    if arch is None:
+        raise SystemExit(f"error: {cls_name} is not a denoiser class of the family registry")
+    return arch.attr
+
 
 # --- planning -------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    init: str  # "normal" | "ones" | "zeros" | "buffer"
-
-    @property
-    def nbytes(self) -> int:
-        return torch.Size(self.shape).numel() * self.dtype.itemsize
+class TensorSpec(shards.TensorSpec):
+    init: str = "normal"  # "normal" | "ones" | "zeros" | "buffer"
 
 
 def build_meta(cls_name: str, config: dict[str, Any]) -> torch.nn.Module:
@@ -197,29 +192,9 @@ def tensor_specs(model: torch.nn.Module, dtype: torch.dtype) -> tuple[list[Tenso
     return specs, buffers
 
 
-def plan_shards(sizes: Sequence[tuple[str, int]], max_bytes: int) -> list[list[str]]:
-    """Greedy, order-preserving shard plan: a shard closes when the next tensor would push it over ``max_bytes``;
-    a tensor larger than ``max_bytes`` gets a shard of its own. Deterministic, from (name, nbytes) alone."""
-    shards: list[list[str]] = []
-    current: list[str] = []
-    used = 0
-    for name, nbytes in sizes:
-        if current and used + nbytes > max_bytes:
-            shards.append(current)
-            current, used = [], 0
-        current.append(name)
-        used += nbytes
-    if current:
-        shards.append(current)
-    return shards
-
-
 def shard_file_names(n: int) -> list[str]:
     """diffusers' names: one file unsharded, else ``diffusion_pytorch_model-0000K-of-0000N.safetensors``."""
-    if n == 1:
-        return [WEIGHTS_NAME]
-    stem = WEIGHTS_NAME.removesuffix(".safetensors")
-    return [f"{stem}-{k:05d}-of-{n:05d}.safetensors" for k in range(1, n + 1)]
+    return shards.shard_file_names(n, WEIGHTS_NAME)
 
 
 # --- writing --------------------------------------------------------------------------------------------------------
@@ -237,40 +212,6 @@ def make_tensor(spec: TensorSpec, seed: int, buffers: dict[str, torch.Tensor]) -
     return torch.randn(spec.shape, generator=gen, dtype=spec.dtype).mul_(0.02)
 
 
-def safetensors_header(specs: Sequence[TensorSpec]) -> bytes:
-    """Length-prefixed JSON header with contiguous data offsets in ``specs`` order, padded to 8 bytes."""
-    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-    offset = 0
-    for s in specs:
-        header[s.name] = {
-            "dtype": _ST_CODES[s.dtype],
-            "shape": list(s.shape),
-            "data_offsets": [offset, offset + s.nbytes],
-        }
-        offset += s.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def write_safetensors(path: Path, specs: Sequence[TensorSpec], make: Callable[[TensorSpec], torch.Tensor],
-                      progress: Callable[[int], Any] | None = None) -> None:  # fmt: skip
-    """Stream one safetensors file: header, then each tensor as it is made (one in memory at a time)."""
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(safetensors_header(specs))
-        for s in specs:
-            t = make(s)
-            if tuple(t.shape) != s.shape or t.dtype != s.dtype:
-                raise RuntimeError(f"{s.name}: made {tuple(t.shape)} {t.dtype}, planned {s.shape} {s.dtype}")
-            data = t.contiguous().reshape(-1).view(torch.uint8).numpy()
-            f.write(memoryview(data))
-            if progress is not None:
-                progress(s.nbytes)
-            del t, data
-    os.replace(tmp, path)
-
-
 def _clear_old(folder: Path) -> None:
     for p in folder.glob("diffusion_pytorch_model*.safetensors*"):
         p.unlink()
@@ -281,33 +222,35 @@ def write_checkpoint(model: torch.nn.Module, out: Path, dtype: torch.dtype, seed
     """Write a model folder ``out`` (config.json + shards, or one weights file with ``single_file``), or with a
     ``.safetensors`` path, just that file. Returns a summary."""
     specs, buffers = tensor_specs(model, dtype)
-    by_name = {s.name: s for s in specs}
     total = sum(s.nbytes for s in specs)
-    if out.suffix == ".safetensors":
-        out.parent.mkdir(parents=True, exist_ok=True)
-        plan, files = [list(by_name)], [out]
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        _clear_old(out)
-        model.save_config(out)
-        plan = [list(by_name)] if single_file else plan_shards([(s.name, s.nbytes) for s in specs], max_bytes)
-        files = [out / n for n in shard_file_names(len(plan))]
-    free = shutil.disk_usage(files[0].parent).free
+    target = out.parent if out.suffix == ".safetensors" else out
+    target.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(target).free
     if total > free:
-        raise SystemExit(f"error: {total / GB:.2f} GB to write but only {free / GB:.2f} GB free on {files[0].parent}")
+        raise SystemExit(f"error: {total / GB:.2f} GB to write but only {free / GB:.2f} GB free on {target}")
     bar = tqdm(total=total, unit="B", unit_scale=True, disable=not progress, desc="writing")
     try:
-        for names, path in zip(plan, files):
-            bar.set_postfix_str(path.name)
-            write_safetensors(path, [by_name[n] for n in names], lambda s: make_tensor(s, seed, buffers), bar.update)
+        if out.suffix == ".safetensors":
+            write_safetensors(out, specs, lambda s: make_tensor(s, seed, buffers), bar.update)
+            files = [out]
+        else:
+            _clear_old(out)
+            model.save_config(out)
+            limit = float("inf") if single_file else max_bytes
+            writer = ShardedWriter(out, WEIGHTS_NAME, specs, limit, {"format": "pt"})
+            try:
+                for s in specs:  # one tensor in memory at a time
+                    writer.write(s.name, make_tensor(s, seed, buffers))
+                    bar.update(s.nbytes)
+                files = writer.close()
+            except BaseException:
+                writer.abort()
+                raise
     finally:
         bar.close()
-    if len(files) > 1:
-        weight_map = {n: path.name for names, path in zip(plan, files) for n in names}
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    shard_files = [f for f in files if f.suffix == ".safetensors"]
     return {"tensors": len(specs), "params": sum(torch.Size(s.shape).numel() for s in specs), "bytes": total,
-            "files": [str(f) for f in files]}  # fmt: skip
+            "files": [str(f) for f in shard_files]}  # fmt: skip
 
 
 def verify(target: Path, model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -330,8 +273,7 @@ def _load_config(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
         return family.cls_name, family.subfolder, dict(family.config)
     config = json.loads(Path(args.config_json).read_text())
     cls_name = config.get("_class_name", family.cls_name)
-    subfolder = "unet" if cls_name.startswith("UNet") else "transformer"
-    return cls_name, subfolder, config
+    return cls_name, subfolder_of(cls_name), config
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

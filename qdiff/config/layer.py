@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from qdiff.config.bits import ACT_BITS, WEIGHT_BITS
+from qdiff.errors import QdiffError
+
+# Layer-spec versions (the ``spec_version`` key of a serialized LayerQuant; absent = 1):
+#   1  the fields written so far; keys added later (``a_split``) may be missing and take their default.
+#   2  every field is written and required; ``spec_version`` is explicit (export format 2).
+LAYER_SPEC_VERSION = 2
+LAYER_SPEC_VERSIONS = (1, 2)
+SPEC_VERSION_KEY = "spec_version"
 
 
 @dataclass(frozen=True)
@@ -66,8 +75,30 @@ class LayerQuant:
         return f"W{self.w_bits}A{self.a_bits or 16}"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Every field plus ``spec_version`` (the current :data:`LAYER_SPEC_VERSION`)."""
+        return {SPEC_VERSION_KEY: LAYER_SPEC_VERSION, **dataclasses.asdict(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> LayerQuant:
-        return cls(**data)  # keys added later (a_split) default when absent: older exports still load
+    def from_dict(cls, data: Mapping[str, Any], where: str = "layer spec") -> LayerQuant:
+        """Read a serialized spec of any version in :data:`LAYER_SPEC_VERSIONS`; errors name ``where``.
+
+        Unknown keys are refused (a typo or a newer writer must not be silently dropped); version 1 fills the
+        fields added since with their defaults; version 2 needs every field.
+        """
+        if not isinstance(data, Mapping):
+            raise QdiffError(f"{where}: expected a mapping of layer-spec fields, got {type(data).__name__}")
+        version = data.get(SPEC_VERSION_KEY, 1)
+        if type(version) is not int or version not in LAYER_SPEC_VERSIONS:
+            readable = ", ".join(map(str, LAYER_SPEC_VERSIONS))
+            raise QdiffError(f"{where}: layer spec version {version!r} is not supported (this qdiff reads {readable})")
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in data if k != SPEC_VERSION_KEY and k not in known]
+        if unknown:
+            raise QdiffError(f"{where}: unknown key {unknown[0]!r} in layer spec (known: {', '.join(known)})")
+        missing = [k for k in known if k not in data]
+        if version >= 2 and missing:
+            raise QdiffError(f"{where}: layer spec version {version} lacks key {missing[0]!r}")
+        try:
+            return cls(**{k: v for k, v in data.items() if k != SPEC_VERSION_KEY})
+        except (TypeError, ValueError) as exc:
+            raise QdiffError(f"{where}: {exc}") from None

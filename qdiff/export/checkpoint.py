@@ -2,8 +2,10 @@
 
 ``open_checkpoint`` accepts a diffusers model folder (``config.json`` + ``diffusion_pytorch_model.safetensors`` or a
 sharded ``diffusion_pytorch_model.safetensors.index.json``), a pipeline folder (the denoiser subfolder is named or
-found: ``transformer`` or ``unet``) or a single ``.safetensors`` file. Only headers are read when opening; ``get``
-reads one tensor's bytes, so a 24 GB checkpoint can be walked in the memory of its largest tensor.
+found through the family registry: the component whose class a family declares, else the first declared pipeline
+attribute with a ``config.json``), a single ``.safetensors`` file or a ``*.safetensors.index.json`` with its shards.
+Only headers are read when opening; ``get`` reads one tensor's bytes, so a 24 GB checkpoint can be walked in the
+memory of its largest tensor.
 Pickle-based files (``.bin``, ``.ckpt``, ``.pt``, ...) are refused and never opened.
 """
 
@@ -21,11 +23,12 @@ from safetensors import SafetensorError, safe_open
 
 from qdiff.errors import QdiffError
 from qdiff.export.manifest import FORBIDDEN_SUFFIXES
+from qdiff.models.families import current_registry
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-DENOISER_SUBFOLDERS = ("transformer", "unet")  # looked for, in this order, in a pipeline folder
+MODEL_INDEX = "model_index.json"
 
 # safetensors dtype codes -> torch dtypes (the float8 ones only where this torch has them).
 _DTYPES: dict[str, torch.dtype] = {
@@ -253,17 +256,29 @@ def _index_map(index_path: Path) -> dict[str, Path]:
     return out
 
 
+def denoiser_subfolder(folder: Path) -> str:
+    """The denoiser's subfolder in a pipeline folder: the ``model_index.json`` component whose class the family
+    registry declares, else the first declared pipeline attribute (``unet``, ``transformer``) with a config.json."""
+    registry = current_registry()
+    index = _read_json(folder / MODEL_INDEX) if (folder / MODEL_INDEX).is_file() else {}
+    for name, value in index.items() if isinstance(index, dict) else ():
+        if isinstance(value, list) and len(value) == 2 and value[1] in registry.denoiser_classes:
+            if (folder / name / CONFIG_NAME).is_file():
+                return name
+    for name in registry.denoiser_attrs:
+        if (folder / name / CONFIG_NAME).is_file():
+            return name
+    raise QdiffError(f"{folder}: pipeline folder without a {' or '.join(registry.denoiser_attrs)} subfolder")
+
+
 def _denoiser_folder(folder: Path, subfolder: str | None) -> Path:
     if subfolder:
         sub = folder / subfolder
         if not sub.is_dir():
             raise QdiffError(f"{sub}: no such subfolder")
         return sub
-    if (folder / "model_index.json").is_file() and not (folder / CONFIG_NAME).is_file():
-        for name in DENOISER_SUBFOLDERS:
-            if (folder / name / CONFIG_NAME).is_file():
-                return folder / name
-        raise QdiffError(f"{folder}: pipeline folder without a {' or '.join(DENOISER_SUBFOLDERS)} subfolder")
+    if (folder / MODEL_INDEX).is_file() and not (folder / CONFIG_NAME).is_file():
+        return folder / denoiser_subfolder(folder)
     return folder
 
 
@@ -284,7 +299,8 @@ def _folder_map(folder: Path, variant: str | None) -> dict[str, Path]:
 
 
 def open_checkpoint(path: str | Path, subfolder: str | None = None, variant: str | None = None) -> CheckpointReader:
-    """Open a model folder, a pipeline folder (+ ``subfolder``, else ``transformer``/``unet``) or a .safetensors file.
+    """Open a model folder, a pipeline folder (+ ``subfolder``, else the registry's denoiser), a .safetensors file
+    or a ``*.safetensors.index.json`` (its shards beside it).
 
     Only headers are read here; every shard named by an index must exist and hold its tensors.
     """
@@ -293,6 +309,8 @@ def open_checkpoint(path: str | Path, subfolder: str | None = None, variant: str
         _refuse_pickle(path)
         if not path.exists():
             raise QdiffError(f"{path}: checkpoint not found")
+        if path.name.endswith(".safetensors.index.json"):
+            return CheckpointReader(_index_map(path), None, path)
         return CheckpointReader(_single_file_map(path), None, path)
     folder = _denoiser_folder(path, subfolder)
     config_path = folder / CONFIG_NAME

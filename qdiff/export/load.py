@@ -1,4 +1,9 @@
-"""Load a qdiff export folder back into a working diffusers pipeline: offline, safetensors/JSON only."""
+"""Load a qdiff export folder back into a working diffusers pipeline: offline, safetensors/JSON only.
+
+Mapped loading: the denoiser is built on the meta device with frozen shells, then every tensor is read on its own
+from its shard (``qdiff.export.checkpoint``: plain reads into fresh tensors, no memory map kept) and assigned in
+place, so no state dict sits beside the model and peak memory is about the model plus one module's tensors.
+"""
 
 from __future__ import annotations
 
@@ -6,90 +11,164 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from qdiff.config.layer import LayerQuant
 from qdiff.config.plan import Plan
 from qdiff.config.recipe import Recipe
 from qdiff.errors import QdiffError
-from qdiff.export.manifest import read_manifest, verify_files
+from qdiff.export.checkpoint import CheckpointReader, open_checkpoint
+from qdiff.export.manifest import MANIFEST, read_layers, read_manifest, verify_files
+from qdiff.models.families import current_registry
 from qdiff.quant.transform import QuantInfo, build_frozen_shells, set_info
-
-# Denoiser classes an export may name (each has a qdiff architecture adapter).
-_DENOISERS = ("UNet2DConditionModel", "PixArtTransformer2DModel", "FluxTransformer2DModel", "SD3Transformer2DModel")
+from qdiff.utils.finite import NonFiniteError, check_tensor
 
 
-def _denoiser_class(name: str, source: Path):
-    if name not in _DENOISERS:
-        raise QdiffError(f"{source}: denoiser class {name!r} is not supported (supported: {', '.join(_DENOISERS)})")
+def _denoiser_class(name: str, attr: str, source: Path):
+    """The diffusers class of a denoiser the family registry declares (``qdiff/models/families.py``), checked
+    against the pipeline attribute its architecture declares."""
+    registry = current_registry()
+    arch = next((a for a in registry.architectures if name in a.classes), None)
+    if arch is None:
+        supported = ", ".join(registry.denoiser_classes)
+        raise QdiffError(f"{source}: denoiser class {name!r} is not supported (supported: {supported})")
+    if attr != arch.attr:
+        raise QdiffError(f"{source}: denoiser.attr {attr!r} does not match {name} (expected {arch.attr!r})")
     import diffusers
 
-    return getattr(diffusers, name)
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise QdiffError(f"{source}: denoiser class {name!r} is not in this diffusers ({diffusers.__version__})")
+    return cls
 
 
-def load_denoiser(folder: Path, manifest: dict) -> torch.nn.Module:
-    """Rebuild the quantized denoiser: float architecture on meta → frozen shells → assign safetensors tensors."""
+def check_finite(tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse NaN/Inf in any floating tensor (weights, scales, biases); the error names the file and tensor."""
+    for key, t in tensors.items():
+        try:
+            check_tensor(t)
+        except NonFiniteError as exc:
+            raise QdiffError(f"{source}: tensor {key!r} has {exc} (corrupt export?)") from None
+
+
+def _weights_reader(folder: Path, weights: str) -> CheckpointReader:
+    """Open the denoiser tensors the manifest names: one ``.safetensors`` file or a ``.safetensors.index.json``
+    whose shards sit beside it (headers only; hashes were checked by ``verify_files``)."""
+    rel = Path(weights)
+    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+        raise QdiffError(f"{folder / MANIFEST}: denoiser.weights {weights!r} is not a path inside the export")
+    path = folder / rel
+    if not path.name.endswith((".safetensors", ".safetensors.index.json")):
+        raise QdiffError(f"{path}: not a .safetensors file or a .safetensors.index.json")
+    return open_checkpoint(path)
+
+
+def _check_tensors(reader: CheckpointReader, expected: dict[str, torch.Tensor], where: Path) -> None:
+    """Names, shapes and dtypes from the file headers against the frozen shells, before any tensor is read."""
+    missing = sorted(set(expected) - set(reader.keys()))
+    unexpected = sorted(set(reader.keys()) - set(expected))
+    if missing or unexpected:
+        key = (missing or unexpected)[0]
+        what = "missing tensor" if missing else "unexpected tensor"
+        raise QdiffError(f"{where}: {what} {key!r} ({len(missing)} missing, {len(unexpected)} unexpected)")
+    for key, ref in expected.items():
+        shape, dtype = reader.shape(key), reader.dtype(key)
+        # Float parameters keep the dtype they were saved in (the meta model is built in float32);
+        # packed weights, zero-points and the fp32 quantization scales must match exactly.
+        exact = not ref.is_floating_point() or key.rsplit(".", 1)[-1] in ("w_scale", "a_scale")
+        same_kind = dtype == ref.dtype or (not exact and dtype.is_floating_point)
+        if shape != tuple(ref.shape) or not same_kind:
+            want = f"{tuple(ref.shape)} {ref.dtype}"
+            raise QdiffError(f"{reader.file_of(key)}: tensor {key!r} has shape {shape} {dtype}, expected {want}")
+
+
+def _assign(den: torch.nn.Module, reader: CheckpointReader, device: torch.device | str | None) -> None:
+    """Fill the meta model module by module: read that module's own tensors, check them, move them to ``device``
+    and assign them (``load_state_dict(assign=True)`` on the module, so its load hooks run). Holds one module's
+    tensors beside the model; pre-order, so a parent's load never re-triggers an already loaded child."""
+    own: dict[str, list[str]] = {}
+    for key in den.state_dict():
+        owner, _, leaf = key.rpartition(".")
+        own.setdefault(owner, []).append(leaf)
+    for name, module in den.named_modules(remove_duplicate=False):
+        leaves = own.pop(name, None)
+        if not leaves:
+            continue
+        tensors = {}
+        for leaf in leaves:
+            key = f"{name}.{leaf}" if name else leaf
+            t = reader.get(key)
+            check_finite({key: t}, reader.file_of(key))
+            tensors[leaf] = t if device is None else t.to(device)
+            del t
+        module.load_state_dict(tensors, strict=False, assign=True)
+        del tensors
+
+
+def load_denoiser(folder: Path, manifest: dict, device: torch.device | str | None = None) -> torch.nn.Module:
+    """Rebuild the quantized denoiser: float architecture on meta -> frozen shells -> each tensor read from its
+    shard and assigned in place (moved to ``device`` as it is read). Peak memory: the model + one module."""
     from accelerate import init_empty_weights
 
     den_info = manifest["denoiser"]
     attr = den_info.get("attr")
+    cls = _denoiser_class(str(den_info.get("class")), attr, folder / MANIFEST)  # before any path is built
     config_path = folder / str(attr) / "config.json"
-    weights_path = folder / str(den_info.get("weights"))
     try:
         config = json.loads(config_path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise QdiffError(f"{config_path}: cannot read denoiser config ({exc})") from None
-    cls = _denoiser_class(str(den_info.get("class")), folder / "qdiff.json")
     with init_empty_weights(include_buffers=False):
         den = cls.from_config(config)
+    specs, bos = read_layers(manifest, folder / MANIFEST)  # versioned layer specs; errors name the layer
     try:
-        specs = {name: LayerQuant.from_dict(entry["quant"]) for name, entry in manifest["layers"].items()}
-        bos = {name: entry["bos"] for name, entry in manifest["layers"].items() if entry.get("bos")}  # optional
         build_frozen_shells(den, specs, bos)
     except (TypeError, ValueError, AttributeError, KeyError) as exc:
-        raise QdiffError(f"{folder / 'qdiff.json'}: layer table does not match the denoiser config ({exc})") from None
-    try:
-        tensors = load_file(str(weights_path), device="cpu")
-    except (SafetensorError, OSError) as exc:
-        raise QdiffError(f"{weights_path}: not a readable safetensors file ({exc})") from None
-    expected = den.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        key = (missing or unexpected)[0]
-        what = "missing tensor" if missing else "unexpected tensor"
-        raise QdiffError(f"{weights_path}: {what} {key!r} ({len(missing)} missing, {len(unexpected)} unexpected)")
-    for key, ref in expected.items():
-        got = tensors[key]
-        # Float parameters keep the dtype they were saved in (the meta model is built in float32);
-        # packed weights, zero-points and the fp32 quantization scales must match exactly.
-        exact = not ref.is_floating_point() or key.rsplit(".", 1)[-1] in ("w_scale", "a_scale")
-        same_kind = got.dtype == ref.dtype or (not exact and got.is_floating_point())
-        if tuple(got.shape) != tuple(ref.shape) or not same_kind:
-            raise QdiffError(
-                f"{weights_path}: tensor {key!r} has shape {tuple(got.shape)} {got.dtype}, "
-                f"expected {tuple(ref.shape)} {ref.dtype}"
-            )
-    den.load_state_dict(tensors, strict=True, assign=True)
+        raise QdiffError(f"{folder / MANIFEST}: layer table does not match the denoiser config ({exc})") from None
+    weights = str(den_info.get("weights"))
+    with _weights_reader(folder, weights) as reader:
+        _check_tensors(reader, den.state_dict(), folder / weights)
+        _assign(den, reader, device)
     leftover = [n for n, t in list(den.named_parameters()) + list(den.named_buffers()) if t.is_meta]
     if leftover:
-        raise QdiffError(f"{weights_path}: tensor {leftover[0]!r} was not restored")
+        raise QdiffError(f"{folder / weights}: tensor {leftover[0]!r} was not restored")
+    if device is not None:
+        den.to(device)  # the small non-persistent buffers built with the architecture
     return den.eval()
 
 
-def load_export(path: str | Path, device: str | torch.device | None = None):
-    """Load an export folder written by :func:`qdiff.save`; verifies version, hashes and shapes first."""
-    folder = Path(path)
-    manifest = read_manifest(folder)
-    verify_files(folder, manifest)
-    den = load_denoiser(folder, manifest)
+def _finish(den: torch.nn.Module, manifest: dict) -> Recipe:
+    """Kernel preference and QuantInfo from the manifest; returns the recipe."""
     recipe = Recipe.from_dict(manifest.get("recipe") or {})
     plan = Plan.from_dict(manifest["plan"]) if manifest.get("plan") else None
     for module in den.modules():
         if hasattr(module, "kernel"):
             module.kernel = recipe.kernel
     set_info(den, QuantInfo(recipe=recipe, plan=plan, base_model=manifest.get("base_model")))
+    return recipe
+
+
+def load_denoiser_export(path: str | Path, device: str | torch.device | None = None) -> torch.nn.Module:
+    """The quantized denoiser alone from any export (the only thing a ``denoiser_only`` export holds)."""
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    verify_files(folder, manifest)
+    den = load_denoiser(folder, manifest, device)
+    _finish(den, manifest)
+    return den
+
+
+def load_export(path: str | Path, device: str | torch.device | None = None):
+    """Load an export folder written by :func:`qdiff.save` or the streaming quantizer; verifies version, hashes and
+    shapes first. ``device``: the denoiser is moved there tensor by tensor while loading, then the other parts."""
+    folder = Path(path)
+    manifest = read_manifest(folder)
+    if manifest.get("denoiser_only"):
+        raise QdiffError(
+            f"{folder}: this export holds only the denoiser (quantized from a model folder, no VAE / text encoders / "
+            "scheduler); load it with qdiff.export.load.load_denoiser_export, or stream a pipeline folder"
+        )
+    verify_files(folder, manifest)
+    den = load_denoiser(folder, manifest, device)
+    _finish(den, manifest)
     from diffusers import DiffusionPipeline
 
     from qdiff.config.dtypes import as_torch_dtype, dtype_kwargs
@@ -107,7 +186,7 @@ def load_export(path: str | Path, device: str | torch.device | None = None):
         raise QdiffError(f"{folder}: cannot load the pipeline components ({first})") from None
     _apply_schedule(pipe, folder, manifest)
     if device is not None:
-        pipe.to(device)
+        pipe.to(device)  # the other parts; the denoiser is there already
     return pipe
 
 

@@ -2,7 +2,8 @@
 
 Specs, tried in this order:
 
-* ``builtin:<name>`` — a pipeline built in code (``builtin:tiny-sd``, ``builtin:tiny-sdxl``, ...);
+* ``builtin:<name>`` — a pipeline built in code (``builtin:tiny-sd``, ``builtin:tiny-sdxl``, ...), declared with
+  its family in ``qdiff/models/families.py``;
 * a local folder — a qdiff export (it holds ``qdiff.json``) or a diffusers pipeline folder;
 * a Hugging Face hub id (``org/name``) — only if it is already in the local Hugging Face cache.
 
@@ -13,44 +14,29 @@ from __future__ import annotations
 
 import importlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from types import MappingProxyType
 
 from qdiff.config.dtypes import as_torch_dtype, dtype_kwargs
 from qdiff.errors import QdiffError
+from qdiff.models.families import current_registry
+from qdiff.models.registry import BUILTIN_PREFIX
+from qdiff.utils.lazy_imports import defer_bitsandbytes
 
-BUILTIN_PREFIX = "builtin:"
 EXPORT_MARKER = "qdiff.json"
-
-# builtin:<name> -> "module:callable" (a no-argument factory returning a pipeline), imported only when asked for.
-BUILTINS: Mapping[str, str] = MappingProxyType(
-    {
-        "tiny-sd": "qdiff.models.tiny:tiny_sd_pipeline",
-        "tiny-sdxl": "qdiff.models.tiny:tiny_sdxl_pipeline",
-        "tiny-pixart": "qdiff.models.tiny:tiny_pixart_pipeline",
-        "shapes": "qdiff.models.shapes.pipeline:shapes_pipeline",
-        # the real few-step families at toy widths (qdiff/models/tiny_families.py)
-        "tiny-sdxl-turbo": "qdiff.models.tiny_families:tiny_sdxl_turbo_pipeline",
-        "tiny-sd-turbo": "qdiff.models.tiny_families:tiny_sd_turbo_pipeline",
-        "tiny-lcm-dreamshaper": "qdiff.models.tiny_families:tiny_lcm_dreamshaper_pipeline",
-        "tiny-pcm-sdxl": "qdiff.models.tiny_families:tiny_pcm_sdxl_pipeline",
-        "tiny-pixart-lcm": "qdiff.models.tiny_families:tiny_pixart_lcm_pipeline",
-        "tiny-flux-schnell": "qdiff.models.tiny_families:tiny_flux_schnell_pipeline",
-        "tiny-sd3": "qdiff.models.tiny_families:tiny_sd3_pipeline",
-    }
-)
 
 
 def available_builtins() -> list[str]:
-    return sorted(BUILTINS)
+    """``builtin:`` names (without the prefix), from the family registry (``qdiff/models/families.py``)."""
+    return sorted(current_registry().builtins)
 
 
 def _builtin_factory(name: str) -> Callable[[], object]:
-    if name not in BUILTINS:
+    builtins = current_registry().builtins  # name -> "module:callable", imported only when asked for
+    if name not in builtins:
         listed = ", ".join(BUILTIN_PREFIX + n for n in available_builtins())
         raise QdiffError(f"unknown builtin model {BUILTIN_PREFIX + name!r}; available builtins: {listed}")
-    module, _, attr = BUILTINS[name].partition(":")
+    module, _, attr = builtins[name].partition(":")
     try:
         return getattr(importlib.import_module(module), attr)
     except (ImportError, AttributeError) as exc:
@@ -94,6 +80,7 @@ def load_pipeline(
     single-file checkpoint is loaded with the pipeline configs of ``config`` (a diffusers folder) or of the
     ``model_index.json`` beside it (``qdiff.models.single_file``).
     """
+    defer_bitsandbytes()  # diffusers would import bitsandbytes (and its notices) although nothing here uses it
     spec = str(spec).strip()
     torch_dtype = as_torch_dtype(torch_dtype)
     if not spec:

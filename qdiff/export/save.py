@@ -5,39 +5,45 @@ Layout::
     out/
       model_index.json, scheduler/, tokenizer/, text_encoder/, vae/ …   diffusers layout (safetensors)
       unet/ (or transformer/)  config.json + qdiff.safetensors          packed weights, scales, FP rest
+                               (over 2 GB: qdiff-0000K-of-0000N.safetensors + qdiff.safetensors.index.json)
       qdiff.json                                                        manifest (see manifest.py)
+
+The denoiser's tensors are written one at a time into planned safetensors files (``qdiff.export.shards``), so
+saving needs no copy of the state dict. ``qdiff.export.stream`` writes the same layout without loading the model.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-import qdiff
 from qdiff.errors import QdiffError
-from qdiff.export.manifest import FORMAT, FORMAT_VERSION, MANIFEST, WEIGHTS_FILE, hash_tree
+from qdiff.export.manifest import (
+    MAX_SHARD_BYTES,
+    WEIGHTS_FILE,
+    WEIGHTS_METADATA,
+    build_manifest,
+    hash_tree,
+    layer_entry,
+    write_manifest,
+)
+from qdiff.export.shards import ShardedWriter, TensorSpec
 from qdiff.models.adapters import find_denoiser, get_adapter
 from qdiff.quant.transform import get_info, quantized_layers
 
 
-def _state_dict_for_file(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Contiguous CPU copies, no shared storage (safetensors refuses aliases)."""
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in module.state_dict().items()}
-
-
-def save_quantized(pipe, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Export ``pipe`` (quantized by :func:`qdiff.quantize`) to ``out_dir``; returns the folder."""
-    out = Path(out_dir)
-    attr, den = find_denoiser(pipe)
-    info = get_info(den)
-    if info is None:
-        raise QdiffError("pipeline is not quantized: call qdiff.quantize(pipe, recipe) before saving")
+@contextlib.contextmanager
+def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder beside ``out``; on success it becomes ``out`` (an old ``out`` is replaced only with
+    ``overwrite``), on any error or interrupt it is removed. A killed process leaves only a ``.<name>.tmp-*``
+    folder, never a partial ``out``."""
+    out = Path(out)
     if out.exists() and not overwrite:
         raise QdiffError(f"output folder {out} already exists (use --overwrite to replace it)")
     parent = out.parent if str(out.parent) else Path(".")
@@ -47,7 +53,7 @@ def save_quantized(pipe, out_dir: str | Path, overwrite: bool = False) -> Path:
     except OSError as exc:
         raise QdiffError(f"cannot write to {parent}: {exc.strerror}") from None
     try:
-        _write(pipe, attr, den, info, tmp)
+        yield tmp
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
             os.replace(out, trash / out.name)
@@ -58,6 +64,34 @@ def save_quantized(pipe, out_dir: str | Path, overwrite: bool = False) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_state_dict(state: dict[str, torch.Tensor], folder: Path, max_shard_bytes: float = MAX_SHARD_BYTES) -> str:
+    """Write ``state`` into ``folder`` as ``qdiff.safetensors`` (or shards + index), one tensor at a time, no copy
+    of the state dict; returns the file a reader opens (the single file or the index)."""
+    specs = [TensorSpec(k, tuple(v.shape), v.dtype) for k, v in state.items()]
+    writer = ShardedWriter(folder, WEIGHTS_FILE, specs, max_shard_bytes, WEIGHTS_METADATA)
+    try:
+        for key, tensor in state.items():
+            writer.write(key, tensor)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.entry_file
+
+
+def save_quantized(
+    pipe, out_dir: str | Path, overwrite: bool = False, max_shard_bytes: float = MAX_SHARD_BYTES
+) -> Path:
+    """Export ``pipe`` (quantized by :func:`qdiff.quantize`) to ``out_dir``; returns the folder."""
+    out = Path(out_dir)
+    attr, den = find_denoiser(pipe)
+    info = get_info(den)
+    if info is None:
+        raise QdiffError("pipeline is not quantized: call qdiff.quantize(pipe, recipe) before saving")
+    with atomic_folder(out, overwrite) as tmp:
+        _write(pipe, attr, den, info, tmp, max_shard_bytes)
     return out
 
 
@@ -68,7 +102,7 @@ def _schedule(pipe) -> dict | None:
     return None if schedule is None else schedule.to_dict()
 
 
-def _write(pipe, attr: str, den, info, tmp: Path) -> None:
+def _write(pipe, attr: str, den, info, tmp: Path, max_shard_bytes: float) -> None:
     from qdiff.export.text_encoders import save_text_encoder
     from qdiff.quant.text_encoders import TEXT_ENCODER_ATTRS, text_encoder_mode
 
@@ -85,34 +119,24 @@ def _write(pipe, attr: str, den, info, tmp: Path) -> None:
     pipe.save_config(tmp)  # model_index.json
     (tmp / attr).mkdir()
     den.save_config(tmp / attr)  # config.json of the float architecture
-    save_file(_state_dict_for_file(den), str(tmp / attr / WEIGHTS_FILE), metadata={"format": "pt", "qdiff": "1"})
+    weights = write_state_dict(den.state_dict(), tmp / attr, max_shard_bytes)
     layers = quantized_layers(den)
     first_float = next((p for p in den.parameters() if p.is_floating_point()), None)
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "qdiff_version": qdiff.__version__,
-        "base_model": info.base_model,
-        "pipeline_class": type(pipe).__name__,
-        "torch_dtype": str(first_float.dtype).removeprefix("torch.") if first_float is not None else "float32",
-        "denoiser": {
+    manifest = build_manifest(
+        base_model=info.base_model,
+        pipeline_class=type(pipe).__name__,
+        torch_dtype=str(first_float.dtype).removeprefix("torch.") if first_float is not None else "float32",
+        denoiser={
             "attr": attr,
             "class": type(den).__name__,
             "family": get_adapter(den).family,
-            "weights": f"{attr}/{WEIGHTS_FILE}",
-        },
-        "recipe": info.recipe.to_dict(),
-        "plan": None if info.plan is None else info.plan.to_dict(),
-        "layers": {
-            name: {
-                "weight_shape": list(m.weight_shape),
-                "quant": m.qcfg.to_dict(),
-                **({"bos": m.bos_mode} if hasattr(m, "bos_mode") else {}),  # BOS-aware K/V (optional field)
-            }
-            for name, m in layers.items()
-        },
-        **({"text_encoders": text_encoders} if text_encoders else {}),  # optional field
-        "schedule": _schedule(pipe),  # Q-Sched coefficients (also in scheduler/qsched.json), or None
-        "files": hash_tree(tmp),
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            "weights": f"{attr}/{weights}",
+        },  # fmt: skip
+        recipe=info.recipe.to_dict(),
+        plan=None if info.plan is None else info.plan.to_dict(),
+        layers={name: layer_entry(m) for name, m in layers.items()},
+        schedule=_schedule(pipe),
+        files=hash_tree(tmp),
+        text_encoders=text_encoders,
+    )
+    write_manifest(tmp, manifest)

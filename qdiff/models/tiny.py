@@ -11,8 +11,7 @@ All configs are written here; nothing is read from the model hub.
 from __future__ import annotations
 
 import contextlib
-import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 
@@ -278,12 +277,3 @@ def tiny_pixart_pipeline(seed: int = 0, scheduler: str = "lcm"):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-TINY_BUILDERS: Mapping[str, Callable[..., object]] = types.MappingProxyType(
-    {
-        "tiny-sd": tiny_sd_pipeline,
-        "tiny-sdxl": tiny_sdxl_pipeline,
-        "tiny-pixart": tiny_pixart_pipeline,
-    }
-)

@@ -9,7 +9,6 @@ import torch  # noqa: E402
 
 from qdiff.errors import QdiffError  # noqa: E402
 from qdiff.export.resolve import available_builtins, load_pipeline  # noqa: E402
-from qdiff.export import resolve  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +52,16 @@ def test_unknown_builtin_lists_available():
     assert "builtin:nope" in msg and "builtin:tiny-sd" in msg and "builtin:tiny-pixart" in msg
 
 
-def test_builtin_records_its_name_and_unavailable_factory(monkeypatch):
+def test_builtin_records_its_name_and_unavailable_factory():
+    from qdiff.models.families import REGISTRY, UNET, use_registry
+    from qdiff.models.registry import Builtin, Family
+
     pipe = load_pipeline("builtin:tiny-sd")
     assert pipe.name_or_path == "builtin:tiny-sd"
-    monkeypatch.setattr(resolve, "BUILTINS", {**resolve.BUILTINS, "broken": "qdiff.no_such_module:f"})
-    assert "builtin:broken is unavailable" in _error("builtin:broken")
+    broken = Family("broken", UNET, builtins=(Builtin("broken", "qdiff.no_such_module:f"),))
+    with use_registry(REGISTRY.with_families(broken)):
+        assert "builtin:broken is unavailable" in _error("builtin:broken")
+    assert "unknown builtin model 'builtin:broken'" in _error("builtin:broken")  # the swap ended with the block
 
 
 def test_local_folder_round_trip(sd_folder):

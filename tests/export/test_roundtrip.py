@@ -148,7 +148,7 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(save_mod, "save_file", boom)
+    monkeypatch.setattr(save_mod, "write_state_dict", boom)
     with pytest.raises(OSError, match="disk full"):
         qdiff.save(pipe, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []  # neither the output nor a temp folder

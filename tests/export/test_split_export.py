@@ -57,7 +57,8 @@ def test_images_identical_after_load_with_split_intact(exported):
 
 
 def test_manifest_without_a_split_key_still_loads(exported, tmp_path):
-    """Exports written before the field existed have no ``a_split`` key: unsplit layers load as before."""
+    """Format-1 exports written before the field existed have no ``a_split`` key (nor ``spec_version``): unsplit
+    layers load as before. In format 2 every key is required."""
     import shutil
 
     dst = tmp_path / "old"
@@ -65,9 +66,13 @@ def test_manifest_without_a_split_key_still_loads(exported, tmp_path):
     path = dst / "qdiff.json"
     doc = json.loads(path.read_text())
     for entry in doc["layers"].values():
+        del entry["quant"]["spec_version"]
         if entry["quant"]["a_split"] is None:
             del entry["quant"]["a_split"]
     path.write_text(json.dumps(doc))
+    with pytest.raises(QdiffError, match=r"qdiff.json: layers\.\S+\.quant: format 2 writes spec_version 2, got None"):
+        qdiff.load(dst)
+    path.write_text(json.dumps({**doc, "format_version": 1}))
     loaded = qdiff.load(dst)
     assert torch.equal(generate(loaded, seed=11), exported[2])
 

@@ -11,16 +11,11 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from qdiff.errors import QdiffError  # noqa: E402
-from qdiff.models.adapters import (  # noqa: E402
-    FluxAdapter,
-    LayerInfo,
-    PixArtAdapter,
-    UNetAdapter,
-    find_denoiser,
-    get_adapter,
-    quantizable_modules,
-)
-from qdiff.models.tiny import TINY_BUILDERS  # noqa: E402
+from qdiff.models.adapters import LayerInfo, find_denoiser, get_adapter, quantizable_modules  # noqa: E402
+from qdiff.models.families import FLUX, PIXART, SD3, UNET  # noqa: E402
+from qdiff.models.tiny import tiny_pixart_pipeline, tiny_sd_pipeline, tiny_sdxl_pipeline  # noqa: E402
+
+TINY_BUILDERS = {"tiny-sd": tiny_sd_pipeline, "tiny-sdxl": tiny_sdxl_pipeline, "tiny-pixart": tiny_pixart_pipeline}
 
 # Published configs (the values of the config.json files on the hub), written out here.
 SDXL_UNET = dict(  # stabilityai/sdxl-turbo and stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
@@ -263,12 +258,12 @@ def test_errors_are_single_line(tiny):
 
 def test_sdxl_real_config_counts():
     den = _meta("UNet2DConditionModel", SDXL_UNET)
-    infos = UNetAdapter().layers(den)
+    infos = UNET.layers(den)
     _check_consistent(den, infos)
     # MixDQ reports 794 conv/linear layers for the SDXL(-Turbo) UNet; we count the same:
     # 743 Linear (incl. time_embedding, add_embedding, time_emb_proj and linear proj_in/proj_out) + 51 Conv2d.
     assert _summary(infos) == (794, 743, 51, 420, ["conv_in", "conv_out"])
-    assert len(UNetAdapter().cross_attention_kv(den)) == 2 * 70  # 70 transformer blocks
+    assert len(UNET.cross_attention_kv(den)) == 2 * 70  # 70 transformer blocks
     assert sum(i.weight_numel for i in infos) == 2_565_880_320
 
 
@@ -285,7 +280,7 @@ def test_sd15_real_config_counts():
 def test_pixart_real_config_counts():
     den = _meta("PixArtTransformer2DModel", PIXART_1024)
     adapter = get_adapter(den)
-    assert isinstance(adapter, PixArtAdapter)
+    assert adapter is PIXART
     infos = adapter.layers(den)
     _check_consistent(den, infos)
     # 28 blocks x 10 + caption projection 2 + adaln_single 7 (timestep 2, resolution 2, aspect ratio 2, linear 1)
@@ -297,7 +292,7 @@ def test_pixart_real_config_counts():
 def test_flux_real_config_counts():
     den = _meta("FluxTransformer2DModel", FLUX_SCHNELL)
     adapter = get_adapter(den)
-    assert isinstance(adapter, FluxAdapter) and adapter.denoiser_attr == "transformer"
+    assert adapter is FLUX and adapter.denoiser_attr == "transformer"
     infos = adapter.layers(den)
     _check_consistent(den, infos)
     # 19 double blocks x 14 + 38 single blocks x 6 + 8 embedders/outputs = 502 Linear, no conv.
@@ -368,11 +363,9 @@ def test_lcm_dreamshaper_real_config_counts():
 
 
 def test_sd3_medium_real_config_counts():
-    from qdiff.models.adapters import SD3Adapter
-
     den = _meta("SD3Transformer2DModel", SD3_MEDIUM)
     adapter = get_adapter(den)
-    assert isinstance(adapter, SD3Adapter) and adapter.family == "sd3"
+    assert adapter is SD3 and adapter.family == "sd3"
     infos = adapter.layers(den)
     _check_consistent(den, infos)
     # 24 joint blocks: 23 x 14 Linear (norm1, norm1_context, to_q/k/v, add_q/k/v_proj, to_out.0, to_add_out,

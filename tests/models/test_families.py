@@ -60,10 +60,16 @@ def _images(pipe, sampler: SamplerConfig) -> torch.Tensor:
 
 
 def test_every_family_recipe_is_bundled_and_covered():
+    """Every recipe the registry declares for a family (Shapes aside: tests/models/shapes) runs below on the
+    family's tiny builtin, or is one of two that differ from a tested one only in the step count."""
     from qdiff.config.recipe import bundled_recipes
+    from qdiff.models.families import FAMILIES, family_of
 
-    family = {r for _, r, _ in CASES} | {"sdxl-turbo-w8a8", "sdxl-turbo-1step-w4a8"}  # the last two: same as tested
+    family = {r for f in FAMILIES if f.name != "shapes" for r in f.recipes}
+    assert {r for _, r, _ in CASES} | {"sdxl-turbo-w8a8", "sdxl-turbo-1step-w4a8"} == family
     assert family <= set(bundled_recipes())
+    for builtin, recipe_name, _ in CASES:
+        assert recipe_name in family_of(f"builtin:{builtin}").recipes, (builtin, recipe_name)
     for name in family:
         recipe = Recipe.load(name)
         assert recipe.sampler.scheduler in SCHEDULER_CLASSES and recipe.sampler.height and recipe.sampler.width

@@ -1,4 +1,5 @@
-"""UNetAdapter.act_splits: the split of every up-block ``cat([up, skip])`` input, checked against the tensors.
+"""The UNet architecture's split points (``qdiff.models.splits.unet_skip_splits``): the split of every up-block
+``cat([up, skip])`` input, checked against the tensors.
 
 Forward pre-hooks record, for each up block, the skip tensors it pops (``res_hidden_states_tuple``) and, for each
 of its resnets, the concatenated input; the skip tensor must be exactly the input's channels from the split on.

@@ -102,7 +102,7 @@ def test_planted_bos_outlier_sqnr_and_ssim(tmp_path):
     # export keeps the BOS rows; old manifests without the field still load (tests/export)
     out = qdiff.save(pipe, tmp_path / "bos")
     manifest = json.loads((out / "qdiff.json").read_text())
-    modes = {n: e.get("bos") for n, e in manifest["layers"].items() if e.get("bos")}
+    modes = {n: e["bos"] for n, e in manifest["layers"].items() if e["bos"] != "none"}  # format 2: always written
     assert set(modes) == set(get_adapter(pipe.unet).cross_attention_kv(tiny_sd_pipeline(seed=0).unet))
     assert set(modes.values()) == {"cached"}
     back = qdiff.load(out)
