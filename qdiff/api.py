@@ -18,6 +18,8 @@ from qdiff.quant.split import SplitObserver, part_keys
 from qdiff.quant.transform import QuantInfo, apply_specs, get_info, layer_specs, quantized_layers, set_info
 from qdiff.sampling.draw import draw
 from qdiff.sampling.prompts import load_prompts
+from qdiff.utils.finite import check_parameters
+from qdiff.utils.lazy_imports import defer_bitsandbytes
 
 
 def as_recipe(recipe: Recipe | str | Path | None) -> Recipe:
@@ -54,6 +56,8 @@ def quantize(
     attr, den = find_denoiser(pipe)
     if get_info(den) is not None or quantized_layers(den):
         raise QdiffError("pipeline is already quantized; load the float model again to quantize it differently")
+    prompts = _check_prompts(prompts)
+    check_parameters(den)  # before anything is modified: a NaN weight would reach every image
     adapter = get_adapter(den)
     apply_sampler_scheduler(pipe, recipe.sampler)  # recipe's scheduler choice; saved with the export
     if recipe.text_encoders != TextEncoderConfig():  # optional; before calibration so the denoiser sees it
@@ -80,6 +84,17 @@ def quantize(
     if recipe.qsched.enabled:  # Q-Sched on the quantized model; prints whether the held-out prompts kept it
         print(fit_schedule(pipe, recipe, progress=progress).message)
     return pipe
+
+
+def _check_prompts(prompts: list[str] | None) -> list[str] | None:
+    """``None`` (the recipe's calibration prompts) or a non-empty list of strings."""
+    if prompts is None:
+        return None
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise QdiffError("prompts: expected a list of prompt strings (None: the recipe's calibration prompts)")
+    if not prompts:
+        raise QdiffError("prompts: empty list; pass at least one prompt or None for the recipe's calibration prompts")
+    return list(prompts)
 
 
 def _probe_bos(pipe, den, adapter, specs, recipe: Recipe, prompts: list[str] | None):
@@ -129,11 +144,12 @@ def _calibrate_static(pipe, layers: dict, recipe: Recipe, prompts: list[str] | N
             return make_observer(act.observer, **kwargs)
         return SplitObserver((make_observer(act.observer, **kwargs), make_observer(act.observer, **kwargs)), q.a_split)
 
-    with observing(layers, make) as observers:
+    with observing(layers, make, find_denoiser(pipe)[1]) as observed:
         desc = "calibrating activations" if progress else None
-        draw(pipe, prompts, None, recipe.sampler, cal.batch_size, output_type="latent", desc=desc, keep=False)
+        draw(pipe, prompts, None, recipe.sampler, cal.batch_size, output_type="latent", desc=desc,
+             on_batch=observed.new_call, keep=False)  # fmt: skip
     for name, layer in layers.items():
-        obs = observers[name]
+        obs = observed.observers[name]
         if not obs.initialized:
             raise QdiffError(f"layer {name!r} saw no input during calibration; it cannot use static activations")
         layer.set_act_qparams(*obs.qparams(layer.qcfg.a_bits, symmetric=False))
@@ -166,6 +182,7 @@ def load(path: str | Path, device: str | None = None):
     """Load an export folder into a ready pipeline (no network, no original checkpoint needed)."""
     from qdiff.export.load import load_export
 
+    defer_bitsandbytes()  # diffusers would import it (and print its notices) although nothing here uses it
     return load_export(path, device=device)
 
 

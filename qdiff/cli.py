@@ -1,19 +1,21 @@
 """``qdiff`` command line: a thin layer over the public API, one sub-command per verb.
 
 Every user error is a :class:`~qdiff.errors.QdiffError`, printed as one line on stderr with exit
-code 1; an unexpected failure prints one line too (set ``QDIFF_DEBUG=1`` for the traceback).
+code 1 (numbers out of range included: checked while parsing, :mod:`qdiff.utils.cli_args`); argparse's own
+syntax errors (a missing option, text where a number goes) print the usage and exit 2; an unexpected failure
+prints one line too (set ``QDIFF_DEBUG=1`` for the traceback).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 import time
 from pathlib import Path
 
 from qdiff.errors import QdiffError
+from qdiff.utils.cli_args import image_size, non_negative_float, positive_int, seed
 
 EXIT_ERROR = 1
 EXIT_INTERNAL = 3
@@ -32,7 +34,8 @@ def _add_quantize(sub) -> None:
     p.add_argument("--device", default="cpu", help="device for calibration and packing (default: cpu)")
     p.add_argument("--eval", action="store_true", help="also compare FP vs quantized (qdiff eval) into OUT-eval/")
     p.add_argument("--eval-prompts", default=None, help="prompts for --eval (default: shapes-heldout or coco)")
-    p.add_argument("--eval-num-prompts", type=int, default=256, help="number of --eval prompts (default: 256)")
+    p.add_argument("--eval-num-prompts", type=positive_int("--eval-num-prompts"), default=256,
+                   help="number of --eval prompts (default: 256)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -42,12 +45,13 @@ def _add_eval(sub) -> None:
     p.add_argument("--out", required=True, help="folder to create: report.json, report.md, grid.png")
     p.add_argument("--prompts", help="prompt set name or .txt file (default: shapes-heldout for builtin:shapes "
                    "and its exports, else coco)")  # fmt: skip
-    p.add_argument("--num-prompts", type=int, default=64, help="first N prompts of the set (default: 64)")
+    p.add_argument("--num-prompts", type=positive_int("--num-prompts"), default=64,
+                   help="first N prompts of the set (default: 64)")  # fmt: skip
     p.add_argument("--recipe", help="recipe whose sampler is used (default: the first export's recipe)")
-    p.add_argument("--steps", type=int, help="override the sampler's steps")
-    p.add_argument("--guidance", type=float, help="override the sampler's guidance scale")
-    p.add_argument("--seed", type=int, default=0, help="prompt i uses seed SEED+i (default: 0)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=positive_int("--steps"), help="override the sampler's steps")
+    p.add_argument("--guidance", type=non_negative_float("--guidance"), help="override the sampler's guidance scale")
+    p.add_argument("--seed", type=seed("--seed"), default=0, help="prompt i uses seed SEED+i (default: 0)")
+    p.add_argument("--batch-size", type=positive_int("--batch-size"), default=16, help="images per pipeline call")
     p.add_argument("--clip", default="auto", help="CLIP scorer spec, 'auto' or 'none' (default: auto)")
     p.add_argument("--quality", default="auto", help="no-reference quality scorer spec, 'auto' or 'none'")
     p.add_argument("--device", default="cpu")
@@ -59,11 +63,12 @@ def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate images with an export folder or any model")
     p.add_argument("model", help="export folder, diffusers folder, hub id (local cache) or builtin:NAME")
     p.add_argument("--prompt", action="append", required=True, help="prompt (repeat for several images)")
-    p.add_argument("--steps", type=int, help="sampling steps (default: the export's recipe, else 4)")
-    p.add_argument("--guidance", type=float, help="guidance scale (default: the export's recipe, else 1.0)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
+    p.add_argument("--steps", type=positive_int("--steps"), help="sampling steps (default: the export's recipe or 4)")
+    p.add_argument("--guidance", type=non_negative_float("--guidance"),
+                   help="guidance scale (default: the export's recipe, else 1.0)")  # fmt: skip
+    p.add_argument("--seed", type=seed("--seed"), default=0, help="generator seed (default: 0)")
+    p.add_argument("--height", type=image_size("--height"), help="pixels, a multiple of 8 (default: the model's)")
+    p.add_argument("--width", type=image_size("--width"), help="pixels, a multiple of 8 (default: the model's)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", required=True, help="PNG path; several prompts are written side by side")
 
@@ -146,7 +151,7 @@ def _check_writable(out: Path) -> None:
 def cmd_quantize(args) -> int:
     import qdiff
     from qdiff.config.plan import Plan
-    from qdiff.eval.size import module_nbytes
+    from qdiff.eval.size import checkpoint_footprint, module_footprint, module_nbytes, size_line
     from qdiff.export.resolve import load_pipeline
     from qdiff.models.adapters import find_denoiser
     from qdiff.quant.transform import quantized_layers
@@ -167,16 +172,14 @@ def cmd_quantize(args) -> int:
 
         ranges = CapturedStats.load(calib)
     out = _output_folder(args)
-    if args.eval:
-        _positive("--eval-num-prompts", args.eval_num_prompts)
-        if Path(f"{out}-eval").exists() and not args.overwrite:
-            raise QdiffError(f"output folder {out}-eval already exists (use --overwrite to replace it)")
+    if args.eval and Path(f"{out}-eval").exists() and not args.overwrite:
+        raise QdiffError(f"output folder {out}-eval already exists (use --overwrite to replace it)")
     spec = _model_spec(args, recipe)
     t0 = time.perf_counter()
     pipe = load_pipeline(spec, torch_dtype=args.dtype, config=args.config)
     pipe.to(args.device)
     _, den = find_denoiser(pipe)
-    fp_bytes = module_nbytes(den)
+    checkpoint, fp_memory = checkpoint_footprint(spec, den), module_footprint(den)
     evaluator = _fp_evaluation(args, pipe, recipe) if args.eval else None
     qdiff.quantize(pipe, recipe, plan=plan, progress=not args.no_progress, ranges=ranges)
     q_bytes = module_nbytes(den)
@@ -188,7 +191,7 @@ def cmd_quantize(args) -> int:
     print(f"model      {spec}")
     print(f"recipe     {recipe.name}: {recipe.description or recipe.weights}")
     print(f"layers     {len(layers)} quantized ({', '.join(f'{n}x {t}' for t, n in sorted(tags.items()))})")
-    print(f"denoiser   {fp_bytes / 2**20:.2f} MiB -> {q_bytes / 2**20:.2f} MiB ({q_bytes / fp_bytes:.3f}x, measured)")
+    print(f"denoiser   {size_line(checkpoint, fp_memory, q_bytes)}")  # all measured from tensors
     print(f"export     {out}  ({time.perf_counter() - t0:.1f} s)")
     if evaluator is not None:
         from qdiff.eval.report import markdown_table, save_report
@@ -204,14 +207,13 @@ def cmd_quantize(args) -> int:
     return 0
 
 
-def _positive(flag: str, value: int) -> None:
-    if value <= 0:
-        raise QdiffError(f"{flag} must be a positive integer, got {value}")
-
-
 def _default_recipe(model: str | None) -> str:
-    """Without --recipe: the bundled Shapes model's own recipe for it (and when no model is named), else w8a8."""
-    return "shapes-w8a8" if model in (None, "builtin:shapes") else "w8a8"
+    """Without --recipe: the default recipe of the model's family (``qdiff/models/families.py``): e.g.
+    ``sdxl-turbo-w8a8`` for ``stabilityai/sdxl-turbo``, ``shapes-w8a8`` for ``builtin:shapes`` and when no model
+    is named; ``w8a8`` for toy ``builtin:tiny-*`` pipelines and models of no known family."""
+    from qdiff.models.families import current_registry
+
+    return current_registry().default_recipe(model)
 
 
 def _command_line() -> str:
@@ -237,10 +239,6 @@ def cmd_eval(args) -> int:
     from qdiff.eval.report import markdown_table, save_report
     from qdiff.eval.run import default_setup
 
-    for flag, value in (("--num-prompts", args.num_prompts), ("--batch-size", args.batch_size),
-                        ("--steps", args.steps)):  # fmt: skip
-        if value is not None:
-            _positive(flag, value)
     out = _output_folder(args)
     sampler = qdiff.Recipe.load(args.recipe).sampler if args.recipe else default_setup(args.models)[0]
     if args.steps is not None or args.guidance is not None:
@@ -372,9 +370,12 @@ COMMANDS = {"calibrate": cmd_calibrate, "quantize": cmd_quantize, "generate": cm
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # qdiff never downloads; fail fast instead of retrying
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # optional-kernel notices on import
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)  # numeric options are range-checked here (qdiff.utils.cli_args)
+        if args.command != "inspect":  # every other command loads diffusers models
+            from qdiff.utils.lazy_imports import defer_bitsandbytes
+
+            defer_bitsandbytes()  # diffusers would import bitsandbytes (and its notices) although no recipe needs it
         return COMMANDS[args.command](args)
     except BrokenPipeError:  # e.g. `qdiff inspect DIR | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

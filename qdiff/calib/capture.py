@@ -19,21 +19,67 @@ from typing import Any
 from torch import Tensor, nn
 
 from qdiff.calib.stats import CapturedStats, LayerStats
+from qdiff.errors import QdiffError
 from qdiff.quant.modules import QuantLayer
 from qdiff.quant.observers import Observer
 from qdiff.quant.split import part_keys, split_parts
 from qdiff.sampling.draw import draw
+from qdiff.utils.finite import NonFiniteError
+
+
+@dataclass
+class Observed:
+    """What an :func:`observing` block yields: the observers by layer and the current denoiser-call index."""
+
+    observers: dict[str, Observer]
+    step: int = -1
+
+    def new_call(self, _batch: int = 0) -> None:
+        """Restart the step counter: the next denoiser call is step 0 of a new pipeline call."""
+        self.step = -1
+
+
+class _Guarded:
+    """What a layer feeds during :func:`observing`: its observer, with the layer and step named on NaN / Inf."""
+
+    def __init__(self, name: str, observer: Observer, state: Observed) -> None:
+        self.name, self.observer, self.state = name, observer, state
+
+    def update(self, x: Tensor) -> None:
+        try:
+            self.observer.update(x)
+        except NonFiniteError as exc:
+            raise nonfinite_input(self.name, self.state.step, exc) from None
+
+
+def nonfinite_input(name: str, step: int, exc: NonFiniteError) -> QdiffError:
+    """The calibration error for a layer input holding NaN / Inf."""
+    return QdiffError(
+        f"calibration: input of layer {name!r} at sampling step {max(step, 0)} has {exc}; the float model produces "
+        "non-finite activations on the calibration prompts (check its weights, dtype and sampler settings)"
+    )
 
 
 @contextmanager
-def observing(layers: Mapping[str, QuantLayer], make: Callable[[str], Observer]) -> Iterator[dict[str, Observer]]:
-    """Attach a fresh observer from ``make(name)`` to each layer; detach them all on exit."""
-    observers = {name: make(name) for name in layers}
+def observing(
+    layers: Mapping[str, QuantLayer], make: Callable[[str], Observer], denoiser: nn.Module | None = None
+) -> Iterator[Observed]:
+    """Attach a fresh observer from ``make(name)`` to each layer; detach them all on exit.
+
+    ``denoiser`` (optional) counts its calls so that a NaN / Inf input is reported with its sampling step; pass
+    ``on_batch=observed.new_call`` to :func:`qdiff.sampling.draw.draw` to restart the count per pipeline call.
+    """
+    state = Observed({name: make(name) for name in layers})
+    handle = None
     try:
+        if denoiser is not None:
+            handle = denoiser.register_forward_pre_hook(lambda _m, _a: setattr(state, "step", state.step + 1))
         for name, layer in layers.items():
-            layer.observer = observers[name]
-        yield observers
+            layer.observer = _Guarded(name, state.observers[name], state)  # type: ignore[assignment]
+        yield state
     finally:
+        if handle is not None:
+            handle.remove()
         for layer in layers.values():
             layer.observer = None
 
@@ -119,7 +165,10 @@ def capturing(
                 pieces += list(zip(part_keys(name), split_parts(x, splits[name])))
             for key, piece in pieces:
                 st = cap.stats[key]
-                st.update(piece, max(cap.step, 0))
+                try:
+                    st.update(piece, max(cap.step, 0))
+                except NonFiniteError as exc:
+                    raise nonfinite_input(key, cap.step, exc) from None
                 st.numel_per_sample = max(st.numel_per_sample, piece.numel() // max(1, piece.shape[0]))
             if name in cache:
                 cap.inputs.setdefault(name, []).append(raw.detach().to("cpu").clone())  # token 0 included

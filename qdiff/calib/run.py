@@ -26,6 +26,7 @@ from qdiff.config.plan import Plan
 from qdiff.config.recipe import Recipe
 from qdiff.models.adapters import find_denoiser, get_adapter
 from qdiff.models.schedulers import apply_sampler_scheduler
+from qdiff.utils.finite import check_parameters
 
 JOURNAL = "sensitivity.jsonl"
 
@@ -86,6 +87,7 @@ def calibrate(
 
     work = Path(work_dir) if work_dir is not None else None
     _, den = find_denoiser(pipe)
+    check_parameters(den)  # NaN / Inf weights: refused before any sampling
     adapter = get_adapter(den)
     if apply_sampler_scheduler(pipe, recipe.sampler):
         say(f"scheduler: {type(pipe.scheduler).__name__} (recipe sampler.scheduler)")

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from qdiff.errors import QdiffError
 from qdiff.numerics.primitives import compute_qparams, dequantize, quantize
+from qdiff.utils.finite import check_range
 
 STATS_VERSION = 1
 STATS_TENSORS = "ranges.safetensors"
@@ -73,10 +74,12 @@ class LayerStats:
 
     @torch.no_grad()
     def update(self, x: Tensor, step: int = 0) -> None:
+        """Fold in a batch; :class:`~qdiff.utils.finite.NonFiniteError` (nothing recorded) when it holds NaN / Inf."""
         if x.numel() == 0:
             return
         xf = x.detach().float().reshape(-1)
         mn, mx = (float(v) for v in torch.aminmax(xf))
+        check_range(xf, mn, mx)  # NonFiniteError before any state changes (a NaN range poisons every observer)
         self._grow_steps(step)
         self.step_min[step] = min(self.step_min[step], mn)
         self.step_max[step] = max(self.step_max[step], mx)

@@ -6,6 +6,7 @@ the sections into a :class:`~qdiff.config.recipe.Recipe` and reads/writes YAML.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +33,11 @@ def choice(path: str, value: Any, allowed: tuple) -> None:
 
 
 def positive(path: str, value: Any, allow_zero: bool = False) -> None:
+    """A finite number > 0 (``allow_zero``: >= 0); NaN, Inf and booleans are refused."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise fail(path, f"must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise fail(path, f"must be a finite number, got {value!r}")
     if value < 0 or (value == 0 and not allow_zero):
         raise fail(path, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 

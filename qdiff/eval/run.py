@@ -47,6 +47,12 @@ class EvalResult:
                 "notes": self.notes}  # fmt: skip
 
 
+def positive_count(name: str, value: object) -> None:
+    """QdiffError unless ``value`` is an int >= 1 (``True`` is not a count)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise QdiffError(f"eval: {name} must be a positive integer, got {value!r}")
+
+
 def _pipe_bytes(pipe) -> tuple[int, int]:
     """(denoiser bytes, bytes of every torch module of the pipeline), measured from the tensors."""
     from qdiff.eval.size import module_nbytes
@@ -82,6 +88,7 @@ class Evaluator:
 
         if not prompts:
             raise QdiffError("eval: no prompts")
+        positive_count("batch_size", batch_size)
         self.prompts = list(prompts)
         self.seeds = [seed + i for i in range(len(self.prompts))]
         self.sampler, self.batch_size, self.progress = sampler, batch_size, progress
@@ -223,6 +230,8 @@ def evaluate(
 
     if not models:
         raise QdiffError("eval: give at least one model")
+    positive_count("num_prompts", num_prompts)
+    positive_count("batch_size", batch_size)
     default_sampler, default_prompts = default_setup(models)
     if prompts is None or isinstance(prompts, str):
         prompts = load_prompts(prompts or default_prompts, num_prompts)

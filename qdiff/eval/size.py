@@ -1,7 +1,14 @@
-"""Model size, measured from real tensors (in memory or in the exported safetensors), never from bit-widths."""
+"""Model size, measured from real tensors (in memory or in the exported safetensors), never from bit-widths.
+
+:func:`module_footprint` measures a module in memory, :func:`checkpoint_footprint` the safetensors file(s) a
+denoiser was loaded from (read from their headers), and :func:`size_line` puts both next to the quantized bytes:
+a float16 checkpoint upcast to float32 on load is reported as both, never as the float32 copy alone.
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -10,12 +17,16 @@ from safetensors import safe_open
 from qdiff.export.manifest import read_manifest, verify_files
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # floating codes
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"  # what diffusers loads without a variant
+INDEX_NAME = WEIGHTS_NAME + ".index.json"
+SINGLE_FILE_PREFIX = "model.diffusion_model."  # the denoiser's keys in an original single-file checkpoint
 
 
-def module_nbytes(module: torch.nn.Module) -> int:
-    """Bytes of all parameters and persistent buffers (each storage counted once)."""
+def _module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Parameters and buffers, each storage once, meta tensors left out."""
     seen: set[int] = set()
-    total = 0
+    out = []
     for t in list(module.parameters()) + [b for _, b in module.named_buffers()]:
         if t.is_meta:
             continue
@@ -23,20 +34,120 @@ def module_nbytes(module: torch.nn.Module) -> int:
         if key in seen:
             continue
         seen.add(key)
-        total += t.numel() * t.element_size()
-    return total
+        out.append(t)
+    return out
 
 
-def _tensor_bytes(folder: Path, weights: str) -> dict[str, int]:
-    out: dict[str, int] = {}
-    with safe_open(str(folder / weights), framework="pt") as f:
+def module_nbytes(module: torch.nn.Module) -> int:
+    """Bytes of all parameters and persistent buffers (each storage counted once)."""
+    return sum(t.numel() * t.element_size() for t in _module_tensors(module))
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """Measured bytes and element count of a set of tensors, and their floating dtypes (most bytes first)."""
+
+    nbytes: int
+    numel: int
+    dtypes: tuple[str, ...]
+
+    @property
+    def dtype(self) -> str:
+        """``float16``, or ``float16+float32`` for a mix (``?`` without floating tensors)."""
+        return "+".join(self.dtypes) or "?"
+
+
+def _footprint(items: list[tuple[str, int, int]]) -> Footprint:
+    """From (dtype name, numel, bytes) per tensor."""
+    by_dtype: dict[str, int] = {}
+    for dtype, _, nbytes in items:
+        if dtype.startswith(("float", "bfloat")):
+            by_dtype[dtype] = by_dtype.get(dtype, 0) + nbytes
+    order = tuple(sorted(by_dtype, key=lambda d: -by_dtype[d]))
+    return Footprint(sum(i[2] for i in items), sum(i[1] for i in items), order)
+
+
+def module_footprint(module: torch.nn.Module) -> Footprint:
+    """:class:`Footprint` of a module's parameters and buffers as they are in memory now."""
+    tensors = _module_tensors(module)
+    return _footprint([(str(t.dtype).removeprefix("torch."), t.numel(), t.nbytes) for t in tensors])
+
+
+def _header_items(path: Path, prefix: str = "") -> list[tuple[str, int, int]]:
+    """(dtype name, numel, bytes) of each tensor in a safetensors file whose key starts with ``prefix``."""
+    items = []
+    with safe_open(str(path), framework="pt") as f:
         for key in f.keys():
+            if not key.startswith(prefix):
+                continue
             sl = f.get_slice(key)
             numel = 1
             for d in sl.get_shape():
                 numel *= d
-            out[key] = numel * _itemsize(sl.get_dtype())
-    return out
+            code = sl.get_dtype()
+            items.append((_ST_DTYPES.get(code, code.lower()), numel, numel * _itemsize(code)))
+    return items
+
+
+def _weight_files(folder: Path) -> list[Path] | None:
+    """The safetensors files diffusers loads from a model folder (no variant), or None."""
+    if (folder / INDEX_NAME).is_file():
+        shards = sorted(set(json.loads((folder / INDEX_NAME).read_text())["weight_map"].values()))
+        return [folder / s for s in shards]
+    return [folder / WEIGHTS_NAME] if (folder / WEIGHTS_NAME).is_file() else None
+
+
+def checkpoint_footprint(spec: str, denoiser: torch.nn.Module) -> Footprint | None:
+    """The denoiser's tensors as stored in the checkpoint it was loaded from, read from safetensors headers.
+
+    ``spec``: what the pipeline was loaded from. A ``.safetensors`` single file: its ``model.diffusion_model.*``
+    tensors; otherwise the model folder diffusers recorded in the denoiser's config (a diffusers folder or a hub
+    snapshot). None when there is no such file (builtin models), it cannot be read, or its element count differs
+    from the loaded denoiser's by more than 1% (then it is not the same model, and no number beats a wrong one).
+    """
+    try:
+        path = Path(spec).expanduser()
+        if path.is_file() and path.suffix == ".safetensors":
+            items = _header_items(path, SINGLE_FILE_PREFIX)
+        else:
+            folder = Path(str(getattr(denoiser, "config", {}).get("_name_or_path") or ""))
+            files = _weight_files(folder) if str(folder) not in ("", ".") and folder.is_dir() else None
+            items = [i for f in files for i in _header_items(f)] if files else []
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable header / index: report memory only
+        return None
+    loaded = module_footprint(denoiser)
+    if not items or abs(sum(i[1] for i in items) - loaded.numel) > 0.01 * loaded.numel:
+        return None
+    return _footprint(items)
+
+
+def _fmt(nbytes: int, unit: int) -> str:
+    return f"{nbytes / unit:.2f} {'GiB' if unit == 2**30 else 'MiB'}"
+
+
+def size_line(checkpoint: Footprint | None, float_memory: Footprint, quantized: int) -> str:
+    """``4.90 GiB float16 checkpoint (9.57 GiB as float32 in memory) -> 2.40 GiB quantized (0.490x the checkpoint)``.
+
+    The in-memory float copy is shown when it differs from the checkpoint (an upcast on load); without a
+    checkpoint file (builtin models) the ratio is to the in-memory float bytes.
+    """
+    unit = 2**30 if max(float_memory.nbytes, checkpoint.nbytes if checkpoint else 0) >= 2**30 else 2**20
+    mem = f"{_fmt(float_memory.nbytes, unit)} {float_memory.dtype}"
+    if checkpoint is None:
+        return f"{mem} in memory -> {_fmt(quantized, unit)} quantized ({quantized / float_memory.nbytes:.3f}x)"
+    same = (checkpoint.nbytes, checkpoint.dtypes) == (float_memory.nbytes, float_memory.dtypes)
+    loaded = "" if same else f" ({_fmt(float_memory.nbytes, unit)} as {float_memory.dtype} in memory)"
+    return (
+        f"{_fmt(checkpoint.nbytes, unit)} {checkpoint.dtype} checkpoint{loaded} -> {_fmt(quantized, unit)} quantized "
+        f"({quantized / checkpoint.nbytes:.3f}x the checkpoint)"
+    )
+
+
+def _tensor_bytes(folder: Path, weights: str) -> dict[str, int]:
+    from qdiff.export.checkpoint import open_checkpoint  # one tensors file or a sharded index (headers only)
+
+    with open_checkpoint(folder / weights) as reader:
+        return {key: reader.nbytes(key) for key in reader.keys()}
 
 
 def _itemsize(dtype: str) -> int:

@@ -25,6 +25,7 @@ from qdiff.numerics.primitives import (
     quantize,
     weight_minmax,
 )
+from qdiff.utils.finite import check_range, check_tensor
 
 __all__ = [
     "OBSERVER_NAMES",
@@ -193,6 +194,7 @@ class _AxisObserver(Observer):
         if x.numel() == 0:
             return
         mn, mx = self._batch_minmax(x)
+        check_range(x, mn, mx)  # NaN / Inf would become a NaN scale
         if self._min is None or self._max is None:
             self._min, self._max = mn, mx
         else:
@@ -253,6 +255,7 @@ class PercentileObserver(Observer):
     def update(self, x: Tensor) -> None:
         if x.numel() == 0:
             return
+        check_tensor(x)  # before subsampling, which could step over a NaN
         v = _strided_sample(x, _PERCENTILE_MAX_NUMEL)
         lo = _kth_linear(v, 100.0 - self.percentile)
         hi = _kth_linear(v, self.percentile)
@@ -298,6 +301,7 @@ class MSEObserver(Observer):
             return
         xf = x.detach()
         mn, mx = torch.aminmax(xf.float())
+        check_range(xf, mn, mx)
         n = self._num_updates + 1
         new = _strided_sample(xf, max(1, self.sample_size // n), exact=True)
         if self._min is None or self._max is None or self._sample is None:

@@ -24,6 +24,7 @@ from torch import nn
 from qdiff.config.layer import LayerQuant
 from qdiff.errors import QdiffError
 from qdiff.quant.transform import apply_specs, quantized_layers
+from qdiff.utils.lazy_imports import import_bitsandbytes
 
 TEXT_ENCODER_ATTRS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 CLIP_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
@@ -75,7 +76,7 @@ def quantize_clip_w8a8(encoder: nn.Module, tokenizer, rtol: float = 1e-5) -> str
 
 def require_bnb(what: str) -> None:
     try:
-        import bitsandbytes  # noqa: F401
+        import_bitsandbytes()  # without its optional CPU-kernel notice
     except ImportError:
         raise QdiffError(f"{what} needs bitsandbytes, an optional dependency: pip install 'qdiff[bnb]'") from None
 

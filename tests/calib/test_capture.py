@@ -103,3 +103,18 @@ def test_hooks_removed_after_exception():
             raise RuntimeError("boom")
     for m in [den, *layers.values()]:
         assert not m._forward_pre_hooks and not m._forward_hooks
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_batch_is_refused_and_records_nothing(gen, bad):
+    from qdiff.utils.finite import NonFiniteError
+
+    st = LayerStats(bins=64)
+    st.update(torch.randn(2, 8, generator=gen), step=0)
+    before = (st.step_min[:], st.step_max[:], st.step_count[:], st.hist.clone(), st.radius, st.ema, st.num_updates)
+    x = torch.randn(2, 8, generator=gen).half()
+    x[1, 2] = bad
+    with pytest.raises(NonFiniteError, match=f"1 {'NaN' if bad != bad else 'Inf'} value"):
+        st.update(x, step=1)
+    after = (st.step_min, st.step_max, st.step_count, st.hist, st.radius, st.ema, st.num_updates)
+    assert all(torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b for a, b in zip(before, after))

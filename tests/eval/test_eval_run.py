@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from qdiff.sampling.draw import draw
 
 import qdiff
 from qdiff.calib.metrics import ssim
@@ -19,6 +18,7 @@ from qdiff.eval.run import Evaluator
 from qdiff.eval.shapes import ShapesJudge, is_shapes_prompt_set, real_renders
 from qdiff.eval.size import module_nbytes
 from qdiff.models.tiny import tiny_sd_pipeline
+from qdiff.sampling.draw import draw
 
 SAMPLER = SamplerConfig(steps=2, guidance_scale=1.0)
 PROMPTS = ["a photo of a cat", "a bowl of fruit", "a red car on a street"]
@@ -121,3 +121,22 @@ def test_psnr_inf_is_json_null(tmp_path):
     res = ev.result()
     assert math.isinf(res.metrics["b"]["psnr"])
     assert json.loads((save_report(res, tmp_path / "r") / "report.json").read_text())["metrics"]["b"]["psnr"] is None
+
+
+BAD_COUNTS = [
+    ({"num_prompts": 0}, "num_prompts must be a positive integer, got 0"),
+    ({"batch_size": -2}, "batch_size must be a positive integer, got -2"),
+    ({"num_prompts": True}, "num_prompts must be a positive integer"),
+]
+
+
+@pytest.mark.parametrize("kwargs,fragment", BAD_COUNTS)
+def test_evaluate_rejects_bad_counts_before_loading_anything(kwargs, fragment, monkeypatch):
+    monkeypatch.setattr("qdiff.export.resolve.load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    with pytest.raises(QdiffError, match=fragment):
+        qdiff.evaluate(["builtin:tiny-sd"], **kwargs)
+
+
+def test_evaluator_rejects_zero_batch_size():
+    with pytest.raises(QdiffError, match="batch_size must be a positive integer, got 0"):
+        Evaluator(["a red circle"], SAMPLER, batch_size=0, clip=None, quality=None)

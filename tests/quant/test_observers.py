@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from qdiff.errors import QdiffError
 from qdiff.numerics.primitives import compute_qparams, dequantize, quantize
 from qdiff.quant.observers import (
     OBSERVER_NAMES,
@@ -18,6 +19,7 @@ from qdiff.quant.observers import (
     PercentileObserver,
     make_observer,
 )
+from qdiff.utils.finite import NonFiniteError
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -141,7 +143,32 @@ def test_ema_matches_hand_computation():
         assert float(mn) == pytest.approx(exp_lo, rel=1e-6) and float(mx) == pytest.approx(exp_hi, rel=1e-6)
     # final: lo = .9 (.9 (.9 (-1) + .1 (-3)) + .1 (-.5)) + .1 (-2) = .9 (-1.13) - .2 = -1.217
     assert float(obs.range()[0]) == pytest.approx(-1.217, rel=1e-6)
-    assert EMAMinMaxObserver().momentum == 0.95  # MixDQ default
+
+
+def _ema_closed_form(values: list[float], m: float) -> float:
+    """EMA whose first update sets the value, in float64: m^(n-1) v_1 + sum_{i>=2} (1 - m) m^(n-i) v_i."""
+    n = len(values)
+    return m ** (n - 1) * values[0] + sum((1 - m) * m ** (n - i) * v for i, v in enumerate(values, 1) if i >= 2)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.0, 0.5, 0.99])
+def test_ema_equals_float64_closed_form_over_a_long_sequence(momentum):
+    """60 batches with known min / max; ``None``: the default-constructed observer must be MixDQ's m = 0.95."""
+    obs = EMAMinMaxObserver() if momentum is None else EMAMinMaxObserver(momentum=momentum)
+    m = 0.95 if momentum is None else momentum
+    g = _gen(7)
+    lows = (-torch.rand(60, generator=g, dtype=torch.float64) * 10).tolist()
+    highs = (torch.rand(60, generator=g, dtype=torch.float64) * 10).tolist()
+    for lo, hi in zip(lows, highs):
+        batch = torch.tensor([lo, 0.5 * (lo + hi), hi], dtype=torch.float64).float()  # exact min / max per batch
+        obs.update(batch)
+    f32 = [[float(torch.tensor(v).float()) for v in seq] for seq in (lows, highs)]  # what the observer sees
+    mn, mx = obs.range()
+    # float32 accumulation over 60 steps: a few ulps of the range
+    assert float(mn) == pytest.approx(_ema_closed_form(f32[0], m), rel=1e-5, abs=1e-5)
+    assert float(mx) == pytest.approx(_ema_closed_form(f32[1], m), rel=1e-5, abs=1e-5)
+    other = _ema_closed_form(f32[1], 0.9)
+    assert abs(float(mx) - other) > 1e-3  # the momentum matters on this sequence: a wrong one would be caught
 
 
 def test_ema_per_channel():
@@ -178,7 +205,17 @@ def test_percentile_known_sample_and_running_mean():
     assert obs.range()[0].item() == 1.0 and obs.range()[1].item() == 99.0
     obs.update(torch.arange(101, dtype=torch.float32) * 3)  # percentiles 3 and 297
     assert obs.range()[0].item() == pytest.approx(2.0) and obs.range()[1].item() == pytest.approx(198.0)
-    assert PercentileObserver().percentile == 99.99
+
+
+def test_percentile_default_clips_the_outer_hundredth_of_a_percent():
+    """Default-constructed: 0..20000 -> the 0.01th / 99.99th percentiles, numpy's linear interpolation (2, 19998);
+    min-max would give (0, 20000), a 99.9 percentile (20, 19980)."""
+    x = torch.arange(20001, dtype=torch.float32)[torch.randperm(20001, generator=_gen(1))]
+    obs = PercentileObserver()
+    obs.update(x)
+    lo, hi = np.percentile(x.double().numpy(), [0.01, 99.99])
+    assert (lo, hi) == pytest.approx((2.0, 19998.0), abs=1e-9)
+    assert (obs.range()[0].item(), obs.range()[1].item()) == pytest.approx((lo, hi), abs=1e-6)
 
 
 def test_percentile_large_input_subsample():
@@ -315,3 +352,30 @@ def test_cuda_matches_cpu(name, kwargs):
         torch.testing.assert_close(tg.cpu(), tc)
     state = gpu.state_dict()
     assert all(v.device.type == "cpu" for v in state.values() if isinstance(v, torch.Tensor))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# non-finite input: refused, never a NaN scale
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("name,kwargs", [("minmax", {}), ("minmax", {"axis": 1}), ("ema", {}), ("percentile", {}),
+                                         ("mse", {})])  # fmt: skip
+def test_observer_refuses_non_finite_input_and_keeps_its_state(name, kwargs, bad):
+    obs = make_observer(name, **kwargs)
+    good = torch.randn(4, 6, generator=_gen(5))
+    obs.update(good)
+    before = obs.state_dict()
+    x = torch.randn(4, 6, generator=_gen(6))
+    x[2, 3] = bad
+    x[1, 1] = bad
+    kind = "NaN" if bad != bad else "Inf"
+    with pytest.raises(NonFiniteError, match=f"^2 {kind} values$"):
+        obs.update(x)
+    after = obs.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(torch.as_tensor(after[k]), torch.as_tensor(before[k])) for k in before)
+    scale, _ = obs.qparams(8, False)
+    assert bool(torch.isfinite(scale).all())
+    assert issubclass(NonFiniteError, QdiffError)  # the CLI shows it as one line

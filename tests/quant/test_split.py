@@ -68,16 +68,31 @@ def test_frozen_integer_path_equals_fake(gen, mode, bits, weights):
     assert float((fake - frozen).abs().max()) <= 1e-5 * float(fake.abs().max())
 
 
-def test_frozen_split_ignores_triton_preference(gen, monkeypatch):
-    """A split layer never reaches the Triton dispatch (two activation scales): only the torch reference runs."""
-    import qdiff.backends.ops as ops
+def test_frozen_split_runs_the_torch_reference_even_when_triton_is_asked(gen, monkeypatch):
+    """A split layer never reaches Triton (two activation scales): with kernel 'triton' the backend spy records
+    the torch reference and the output is the float64 per-part reference; the same layer unsplit does run Triton
+    under that preference (the interpreter on CPU), so the preference really reaches the dispatch."""
+    pytest.importorskip("triton")
+    from qdiff.backends.registry import recording
 
-    m = _layer(_conv(gen), 8, "dynamic")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # so that 'triton' is usable on CPU: only the split keeps it out
+    conv = _conv(gen)
+    scales = (0.03, 1.7)
+    x64 = _grid_input(gen, scales, (0, 0), 8, dynamic=True)
+    ref = _per_part_reference(conv, x64, scales, (0, 0), 8, dynamic=True)
+    m = _layer(conv, 8, "dynamic")
     m.freeze()
-    monkeypatch.setattr(ops, "resolve_backend", lambda *_: "triton")
-    monkeypatch.setattr(ops, "_triton_ops", lambda *_: pytest.fail("split layer dispatched to Triton"))
-    with torch.no_grad():
-        m(_two_range_input(gen))
+    m.kernel = "triton"
+    with torch.no_grad(), recording() as calls:
+        out = m(x64.float()).double()
+    assert calls == [("torch", "conv2d")]
+    assert float((out - ref).abs().max()) <= 2e-6 * float(ref.abs().max())
+    unsplit = _layer(conv, 8, "dynamic", split=None)
+    unsplit.freeze()
+    unsplit.kernel = "triton"
+    with torch.no_grad(), recording() as calls:
+        unsplit(x64[:1, :, :4, :4].float())  # small: the interpreter is slow
+    assert calls == [("triton", "conv2d")]
 
 
 def _ref_dequant_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
@@ -107,6 +122,20 @@ def _grid_input(gen, scales, zps, bits, dynamic: bool) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
+def _per_part_reference(conv: nn.Conv2d, x64: torch.Tensor, scales, zps, bits: int, dynamic: bool) -> torch.Tensor:
+    """Float64: each input part fake-quantized with its own (scale, zero-point), W8 per-channel weights, conv."""
+    qmin, qmax = (
+        (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if dynamic else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    )
+    xq = []
+    for (lo, hi), s, zp in zip(((0, C1), (C1, C1 + C2)), scales, zps):
+        q = torch.clamp(torch.round(x64[:, lo:hi] / s) + zp, qmin, qmax)
+        xq.append((q - zp) * s)
+    assert not torch.allclose(torch.cat(xq, 1), x64)  # the test input does get clipped / rounded
+    w64 = _ref_dequant_weight(conv.weight.detach().double(), 8)
+    return F.conv2d(torch.cat(xq, dim=1), w64, conv.bias.detach().double(), padding=1)
+
+
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 @pytest.mark.parametrize("bits", [4, 8])
 def test_matches_float64_reference_quantizing_each_part_by_hand(gen, mode, bits):
@@ -115,17 +144,7 @@ def test_matches_float64_reference_quantizing_each_part_by_hand(gen, mode, bits)
     scales = (0.03, 1.7)
     zps = (0, 0) if dynamic else (3, -2)
     x64 = _grid_input(gen, scales, zps, bits, dynamic)
-    # reference: each part fake-quantized with its own (scale, zero-point), float64 conv
-    qmin, qmax = (
-        (-(2 ** (bits - 1) - 1), 2 ** (bits - 1) - 1) if dynamic else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
-    )
-    xq = []
-    for (lo, hi), s, zp in zip(((0, C1), (C1, C1 + C2)), scales, zps):
-        q = torch.clamp(torch.round(x64[:, lo:hi] / s) + zp, qmin, qmax)
-        xq.append((q - zp) * s)
-    w64 = _ref_dequant_weight(conv.weight.detach().double(), 8)
-    ref = F.conv2d(torch.cat(xq, dim=1), w64, conv.bias.detach().double(), padding=1)
-    assert not torch.allclose(torch.cat(xq, 1), x64)  # the test input does get clipped / rounded
+    ref = _per_part_reference(conv, x64, scales, zps, bits, dynamic)
     m = _layer(conv, bits, mode)
     if not dynamic:
         m.set_act_qparams(torch.tensor(scales), torch.tensor(zps))
@@ -174,7 +193,7 @@ def test_split_beats_one_quantizer_on_ranges_100x_apart(gen, mode):
 def test_config_round_trip_and_validation():
     q = LayerQuant(a_bits=8, a_mode="static", a_split=64)
     assert LayerQuant.from_dict(q.to_dict()) == q and q.to_dict()["a_split"] == 64 and q.split_act
-    old = {k: v for k, v in q.to_dict().items() if k != "a_split"}  # written before the field existed
+    old = {k: v for k, v in q.to_dict().items() if k not in ("a_split", "spec_version")}  # written before a_split
     assert LayerQuant.from_dict(old).a_split is None
     for bad in (0, -3, 1.5, True):
         with pytest.raises(ValueError, match="a_split"):
