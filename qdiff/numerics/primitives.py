@@ -37,6 +37,8 @@ __all__ = [
     "dequantize_weight",
     "token_qparams",
     "storage_bits",
+    "packed_width",
+    "num_groups",
     "pack_int4",
     "unpack_int4",
     "pack_int2",
@@ -159,7 +161,8 @@ def _check_group_size(group_size: int | None) -> int:
     return int(group_size)
 
 
-def _num_groups(K: int, group_size: int) -> int:
+def num_groups(K: int, group_size: int) -> int:
+    """Number of weight groups along K: ``ceil(K / group_size)`` (the last one may be ragged)."""
     return math.ceil(K / group_size)
 
 
@@ -180,7 +183,7 @@ def weight_minmax(w2d: Tensor, granularity: Granularity, group_size: int | None 
     if granularity == "group":
         gs = _check_group_size(group_size)
         N, K = w.shape
-        G = _num_groups(K, gs)
+        G = num_groups(K, gs)
         pad = G * gs - K
         if pad:  # replicate the last real element: it belongs to the ragged group, so its min/max are unchanged
             w = torch.cat([w, w[:, -1:].expand(N, pad)], dim=1)
@@ -195,8 +198,8 @@ def expand_group_param(p: Tensor, K: int, group_size: int | None) -> Tensor:
     if p.shape[1] == 1:
         return p
     gs = _check_group_size(group_size)
-    if p.shape[1] != _num_groups(K, gs):
-        raise ValueError(f"expected {_num_groups(K, gs)} groups for K={K}, group_size={gs}; got {p.shape[1]}")
+    if p.shape[1] != num_groups(K, gs):
+        raise ValueError(f"expected {num_groups(K, gs)} groups for K={K}, group_size={gs}; got {p.shape[1]}")
     return p.repeat_interleave(gs, dim=1)[:, :K]
 
 
@@ -233,6 +236,15 @@ def storage_bits(bits: int) -> int:
     return {8: 8, 4: 4, 3: 4, 2: 2}[int(bits)]
 
 
+def packed_width(K: int, bits: int) -> int:
+    """Stored columns of a row of ``K`` codes: ``K`` int8 for 8-bit, else ``ceil(K * storage_bits / 8)`` uint8."""
+    return _packed_len(K, storage_bits(bits))
+
+
+def _packed_len(K: int, field_bits: int) -> int:
+    return math.ceil(K / (8 // field_bits))
+
+
 def _check_codes(q: Tensor, lo: int, hi: int) -> None:
     if q.dtype != torch.int8:
         raise TypeError(f"expected int8 codes, got {q.dtype}")
@@ -249,7 +261,7 @@ def _pack(q: Tensor, field_bits: int) -> Tensor:
     per = 8 // field_bits
     mask = (1 << field_bits) - 1
     K = q.shape[-1]
-    nbytes = math.ceil(K / per)
+    nbytes = _packed_len(K, field_bits)
     u = (q & mask).to(torch.uint8)  # two's-complement field of each code
     pad = nbytes * per - K
     if pad:
@@ -266,8 +278,8 @@ def _unpack(p: Tensor, K: int, field_bits: int) -> Tensor:
     if p.dtype != torch.uint8:
         raise TypeError(f"expected uint8 packed data, got {p.dtype}")
     per = 8 // field_bits
-    if p.dim() < 1 or p.shape[-1] != math.ceil(K / per):
-        raise ValueError(f"packed last dim must be ceil(K / {per}) = {math.ceil(K / per)} for K={K}")
+    if p.dim() < 1 or p.shape[-1] != _packed_len(K, field_bits):
+        raise ValueError(f"packed last dim must be ceil(K / {per}) = {_packed_len(K, field_bits)} for K={K}")
     mask = (1 << field_bits) - 1
     sign = 1 << (field_bits - 1)
     fields = [((p >> (field_bits * i)) & mask) for i in range(per)]
