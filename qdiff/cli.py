@@ -17,6 +17,16 @@ from pathlib import Path
 from qdiff.errors import QdiffError
 from qdiff.utils.cli_args import image_size, non_negative_float, positive_int, seed
 
+# quantize/calibrate read the float weights in float32 unless --dtype says otherwise: a float16 checkpoint upcasts
+# exactly, while a bfloat16 copy of it would round the weights before they are quantized
+_SOURCE_DTYPE = "float32"
+
+
+def _source_dtype(args) -> str | None:
+    """--dtype, else float32 on CPU (an exact upcast) and the checkpoint's own dtypes on an accelerator."""
+    return args.dtype or (_SOURCE_DTYPE if str(args.device).startswith("cpu") else None)
+
+
 EXIT_ERROR = 1
 EXIT_INTERNAL = 3
 
@@ -55,6 +65,12 @@ def _add_eval(sub) -> None:
     p.add_argument("--clip", default="auto", help="CLIP scorer spec, 'auto' or 'none' (default: auto)")
     p.add_argument("--quality", default="auto", help="no-reference quality scorer spec, 'auto' or 'none'")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default=None,
+        help="compute dtype of the float parts of every model (default on CPU: float32)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -70,6 +86,13 @@ def _add_generate(sub) -> None:
     p.add_argument("--height", type=image_size("--height"), help="pixels, a multiple of 8 (default: the model's)")
     p.add_argument("--width", type=image_size("--width"), help="pixels, a multiple of 8 (default: the model's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        default=None,
+        help="compute dtype of the float parts (default on CPU: float32, or bfloat16 for a float16 model "
+        "on a CPU with native bf16; quantized layers always keep their integer codes and fp32 scales)",
+    )
     p.add_argument("--out", required=True, help="PNG path; several prompts are written side by side")
 
 
@@ -152,7 +175,7 @@ def cmd_quantize(args) -> int:
     import qdiff
     from qdiff.config.plan import Plan
     from qdiff.eval.size import checkpoint_footprint, module_footprint, module_nbytes, size_line
-    from qdiff.export.resolve import load_pipeline
+    from qdiff.export.resolve import load_pipeline, place
     from qdiff.models.adapters import find_denoiser
     from qdiff.quant.transform import quantized_layers
 
@@ -177,7 +200,7 @@ def cmd_quantize(args) -> int:
     spec = _model_spec(args, recipe)
     t0 = time.perf_counter()
     pipe = load_pipeline(spec, torch_dtype=args.dtype, config=args.config)
-    pipe.to(args.device)
+    place(pipe, args.device, _source_dtype(args))
     _, den = find_denoiser(pipe)
     checkpoint, fp_memory = checkpoint_footprint(spec, den), module_footprint(den)
     evaluator = _fp_evaluation(args, pipe, recipe) if args.eval else None
@@ -252,7 +275,8 @@ def cmd_eval(args) -> int:
 
     result = qdiff.evaluate(args.models, prompts=args.prompts, num_prompts=args.num_prompts, sampler=sampler,
                             seed=args.seed, batch_size=args.batch_size, clip=none(args.clip),
-                            quality=none(args.quality), device=args.device, progress=not args.no_progress)  # fmt: skip
+                            quality=none(args.quality), device=args.device, dtype=args.dtype,
+                            progress=not args.no_progress)  # fmt: skip
     save_report(result, out, overwrite=args.overwrite, command=_command_line())
     print(markdown_table(result))
     for note in result.notes:
@@ -266,7 +290,7 @@ def cmd_calibrate(args) -> int:
 
     import qdiff
     from qdiff.calib.run import calibrate_to_folder
-    from qdiff.export.resolve import load_pipeline
+    from qdiff.export.resolve import load_pipeline, place
 
     recipe = qdiff.Recipe.load(args.recipe)
     if args.mode:
@@ -274,7 +298,7 @@ def cmd_calibrate(args) -> int:
     out = _output_folder(args)
     spec = _model_spec(args, recipe)
     pipe = load_pipeline(spec, torch_dtype=args.dtype, config=args.config)
-    pipe.to(args.device)
+    place(pipe, args.device, _source_dtype(args))
     result = calibrate_to_folder(pipe, recipe, out, overwrite=args.overwrite, progress=not args.no_progress)
     meta = result.plan.meta
     print(
@@ -287,12 +311,12 @@ def cmd_calibrate(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from qdiff.export.resolve import load_pipeline
+    from qdiff.export.resolve import load_pipeline, place
     from qdiff.quant.transform import get_info
     from qdiff.utils.images import hstack, save_png
 
     pipe = load_pipeline(args.model)
-    pipe.to(args.device)
+    compute = place(pipe, args.device, args.dtype)
     from qdiff.models.adapters import find_denoiser
 
     info = get_info(find_denoiser(pipe)[1])
@@ -310,7 +334,8 @@ def cmd_generate(args) -> int:
     generator = torch.Generator("cpu").manual_seed(args.seed)
     images = pipe(args.prompt, generator=generator, **kwargs).images
     out = save_png(hstack(images), args.out)
-    print(f"wrote {out} ({len(images)} image(s), {kwargs['num_inference_steps']} steps, seed {args.seed})")
+    dtype = str(compute).removeprefix("torch.") if compute is not None else "mixed"
+    print(f"wrote {out} ({len(images)} image(s), {kwargs['num_inference_steps']} steps, seed {args.seed}, {dtype})")
     return 0
 
 

@@ -34,3 +34,27 @@ def dtype_kwargs(torch_dtype) -> dict:
     except ImportError:
         return {"torch_dtype": torch_dtype}
     return {"dtype": torch_dtype}
+
+
+def cpu_bf16_native(flags: frozenset[str]) -> bool:
+    """Whether a CPU with these ``/proc/cpuinfo`` flags computes bf16 matmuls natively (AVX512-BF16 or AMX-BF16)."""
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def cpu_compute_dtype(present: set, requested, flags: frozenset[str]):
+    """The one floating dtype a CPU run uses for every float part of a pipeline.
+
+    ``present``: the floating dtypes the pipeline's modules hold; ``requested``: the user's ``--dtype`` (or None).
+    A request wins. Otherwise float32 pipelines stay float32, and anything holding float16 (which CPUs run slowly or
+    not at all: diffusers refuses half pipelines on CPU) runs in bfloat16 where the CPU has native bf16 matmuls, else
+    in float32.
+    """
+    import torch
+
+    if requested is not None:
+        return as_torch_dtype(requested)
+    if present <= {torch.float32}:
+        return torch.float32
+    if torch.float16 in present:
+        return torch.bfloat16 if cpu_bf16_native(flags) else torch.float32
+    return next(iter(present)) if len(present) == 1 else torch.float32

@@ -221,11 +221,15 @@ def evaluate(
     clip: str | None = AUTO,
     quality: str | None = AUTO,
     device: str = "cpu",
+    dtype: str | None = None,
     progress: bool = True,
 ) -> EvalResult:
     """Load each model spec in turn (export folder, diffusers folder, hub id in the cache, ``builtin:NAME``),
-    draw the same prompts and seeds with one sampler, and score them (see :class:`Evaluator`)."""
-    from qdiff.export.resolve import load_pipeline
+    draw the same prompts and seeds with one sampler, and score them (see :class:`Evaluator`).
+
+    ``dtype``: compute dtype of every variant's float parts (:func:`qdiff.export.resolve.place`; default on CPU:
+    float32, bfloat16 for float16 models on CPUs with native bf16)."""
+    from qdiff.export.resolve import load_pipeline, place
     from qdiff.sampling.prompts import load_prompts
 
     if not models:
@@ -238,7 +242,8 @@ def evaluate(
     ev = Evaluator(list(prompts)[:num_prompts], sampler or default_sampler, seed=seed, batch_size=batch_size,
                    clip=clip, quality=quality, progress=progress)  # fmt: skip
     for spec in models:
-        pipe = load_pipeline(spec).to(device)
+        pipe = load_pipeline(spec)
+        place(pipe, device, dtype)
         ev.add(variant_name(pipe, list(ev.metrics)), pipe)
         del pipe
     return ev.result()

@@ -147,6 +147,57 @@ def load_pipeline(
         ) from exc
 
 
+def place(pipe, device="cpu", dtype=None):
+    """Move ``pipe`` to ``device`` with ONE floating compute dtype for every component; returns that dtype.
+
+    On CUDA the pipeline keeps its dtypes unless ``dtype`` is given. On CPU the dtype comes from
+    :func:`qdiff.config.dtypes.cpu_compute_dtype` (a float16 folder runs in bfloat16 where the CPU has native bf16
+    matmuls, else float32). Quantized layers keep their integer codes and fp32 scales whatever the dtype.
+    """
+    import torch
+
+    from qdiff.config.dtypes import cpu_compute_dtype
+    from qdiff.utils.machine import cpu_flags
+
+    dev = torch.device(device)
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    present = {p.dtype for m in modules for p in m.parameters() if p.is_floating_point()}
+    if dev.type == "cpu":
+        target = cpu_compute_dtype(present, dtype, cpu_flags())
+    else:
+        target = as_torch_dtype(dtype) if dtype is not None else None
+    for module in modules:
+        prequantized = getattr(getattr(module, "config", None), "quantization_config", None) is not None
+        if target is None or prequantized:  # bitsandbytes T5: its own dtypes, moved only
+            module.to(dev)
+        else:
+            _cast(module, dev, target)
+    return target if target is not None else (next(iter(present)) if len(present) == 1 else None)
+
+
+def _cast(module, device, dtype) -> None:
+    """``module.to(device, dtype)``, keeping a diffusers model's ``_keep_in_fp32_modules`` in float32 (diffusers
+    warns on every ``.to(dtype)`` of a model, listing those modules; with none to keep the warning says nothing)."""
+    import logging
+
+    import torch
+
+    keep = [
+        name
+        for name, _ in module.named_modules()
+        if any(k in name for k in (getattr(module, "_keep_in_fp32_modules", None) or ()))
+    ]
+    logger = logging.getLogger("diffusers.models.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        module.to(device=device, dtype=dtype)
+    finally:
+        logger.setLevel(level)
+    for name in keep:
+        module.get_submodule(name).to(torch.float32)
+
+
 def _in_hf_cache(repo_id: str, cache_dir=None) -> bool:
     """Whether the local Hugging Face cache holds a snapshot of ``repo_id`` with a ``model_index.json``."""
     try:

@@ -36,6 +36,9 @@ def _weight_key(w: Tensor) -> tuple:
     return (w.data_ptr(), w._version, w.device, w.dtype, tuple(w.shape))
 
 
+_FP32_BUFFERS = ("w_scale", "a_scale")  # kept in float32 by _apply
+
+
 class QuantLayer(nn.Module):
     """State and activation handling shared by :class:`QuantLinear` and :class:`QuantConv2d`."""
 
@@ -55,6 +58,20 @@ class QuantLayer(nn.Module):
             shape = (2,) if qcfg.split_act else ()
             self.register_buffer("a_scale", torch.full(shape, float("nan")))
             self.register_buffer("a_zp", torch.zeros(shape, dtype=torch.int32))
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``/``.half()``/``.cuda()``: quantization scales move with the layer but stay fp32.
+
+        Converting ``w_scale``/``a_scale`` to the pipeline's bf16/fp16 would round them and break the exactness of
+        the integer path (the epilogue is fp32); codes and zero-points are integers and never converted.
+        """
+        kept = {name: self._buffers[name] for name in _FP32_BUFFERS if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, original in kept.items():
+            moved = self._buffers[name]
+            if moved.dtype != original.dtype:
+                self._buffers[name] = original.to(moved.device)
+        return self
 
     # ---- geometry ------------------------------------------------------------------------------
     @property
