@@ -71,6 +71,12 @@ def _add_eval(sub) -> None:
         default=None,
         help="compute dtype of the float parts of every model (default on CPU: float32)",
     )
+    p.add_argument(
+        "--peers",
+        help="also build and score peer quantizers from the first (float) model: comma-separated bnb-nf4, bnb-int8, "
+        "quanto-w8a8, quanto-w4, torchao-int8dq, torchao-int8wo, torchao-int4wo, or all "
+        "(pip install 'qdiff[peers]')",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -275,7 +281,7 @@ def cmd_eval(args) -> int:
 
     result = qdiff.evaluate(args.models, prompts=args.prompts, num_prompts=args.num_prompts, sampler=sampler,
                             seed=args.seed, batch_size=args.batch_size, clip=none(args.clip),
-                            quality=none(args.quality), device=args.device, dtype=args.dtype,
+                            quality=none(args.quality), device=args.device, dtype=args.dtype, peers=args.peers,
                             progress=not args.no_progress)  # fmt: skip
     save_report(result, out, overwrite=args.overwrite, command=_command_line())
     print(markdown_table(result))

@@ -144,6 +144,13 @@ class Evaluator:
         self.metrics[name], self.images[name] = m, images
         return m
 
+    def skip(self, name: str, reason: str) -> None:
+        """A variant that could not run here: an empty row (shown as "-") and ``reason`` in the notes."""
+        if name in self.metrics:
+            raise QdiffError(f"eval: variant name {name!r} used twice")
+        self.metrics[name] = {}
+        self.notes.append(reason)
+
     def result(self, with_real: bool = True) -> EvalResult:
         """All variants so far; for Shapes prompts a ``real renders`` row (classifier ceiling, FID noise floor)."""
         metrics, images = dict(self.metrics), dict(self.images)
@@ -222,13 +229,16 @@ def evaluate(
     quality: str | None = AUTO,
     device: str = "cpu",
     dtype: str | None = None,
+    peers: str | Sequence[str] | None = None,
     progress: bool = True,
 ) -> EvalResult:
     """Load each model spec in turn (export folder, diffusers folder, hub id in the cache, ``builtin:NAME``),
     draw the same prompts and seeds with one sampler, and score them (see :class:`Evaluator`).
 
     ``dtype``: compute dtype of every variant's float parts (:func:`qdiff.export.resolve.place`; default on CPU:
-    float32, bfloat16 for float16 models on CPUs with native bf16)."""
+    float32, bfloat16 for float16 models on CPUs with native bf16). ``peers``: names from
+    :data:`qdiff.eval.peers.PEERS` (or ``"all"``), built from the first model (a float pipeline) and scored after the
+    models (bitsandbytes, optimum-quanto, torchao: the ``qdiff[peers]`` extra)."""
     from qdiff.export.resolve import load_pipeline, place
     from qdiff.sampling.prompts import load_prompts
 
@@ -236,6 +246,10 @@ def evaluate(
         raise QdiffError("eval: give at least one model")
     positive_count("num_prompts", num_prompts)
     positive_count("batch_size", batch_size)
+    if peers:  # validated before any model is loaded
+        from qdiff.eval.peers import parse_peers
+
+        peers = parse_peers(peers)
     default_sampler, default_prompts = default_setup(models)
     if prompts is None or isinstance(prompts, str):
         prompts = load_prompts(prompts or default_prompts, num_prompts)
@@ -246,4 +260,8 @@ def evaluate(
         place(pipe, device, dtype)
         ev.add(variant_name(pipe, list(ev.metrics)), pipe)
         del pipe
+    if peers:
+        from qdiff.eval.peers import add_peers, peer_recipe
+
+        add_peers(ev, models[0], peers, peer_recipe(models), device=device, dtype=dtype)
     return ev.result()

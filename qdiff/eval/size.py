@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from qdiff.export.manifest import read_manifest, verify_files
+from qdiff.utils.nbytes import module_nbytes as _nbytes
 
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # floating codes
@@ -39,8 +40,10 @@ def _module_tensors(module: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def module_nbytes(module: torch.nn.Module) -> int:
-    """Bytes of all parameters and persistent buffers (each storage counted once)."""
-    return sum(t.numel() * t.element_size() for t in _module_tensors(module))
+    """Bytes of every tensor the module holds, each storage once: parameters, buffers, tensor subclasses
+    (torchao, quanto) flattened to their plain tensors, and library state such as bitsandbytes' ``quant_state``
+    (:func:`qdiff.utils.nbytes.module_nbytes`)."""
+    return _nbytes(module)
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ class DropNotice(logging.Filter):
         self.prefix = prefix
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.prefix)
+        return not record.getMessage().startswith(self.prefix)
 
 
 def import_bitsandbytes() -> types.ModuleType:
@@ -58,10 +58,33 @@ class LazyBitsandbytes(types.ModuleType):
         return getattr(import_bitsandbytes(), name)
 
 
+# Notices printed while diffusers imports its quantizer registry when torchao is installed (diffusers 0.42.1 with
+# torchao 0.18: torchao's tensor classes moved, and torchao registers Enum constants that torch 2.14 deprecates).
+# They say nothing about a qdiff run and are dropped during that one import only.
+IMPORT_NOTICES: tuple[tuple[str, str], ...] = (
+    ("diffusers.quantizers.torchao.torchao_quantizer", "Unable to import `torchao` Tensor objects"),
+    ("torch.utils._pytree", "<enum "),
+)
+
+
 def defer_bitsandbytes() -> None:
-    """Import diffusers' quantizers without importing bitsandbytes (a no-op once diffusers' quantizers are loaded,
-    when bitsandbytes is not installed, or when this diffusers version has no such module-level import)."""
-    if "diffusers.quantizers" in sys.modules or "bitsandbytes" in sys.modules:
+    """Import diffusers' quantizers without importing bitsandbytes and without the import notices above (a no-op
+    once diffusers' quantizers are loaded)."""
+    if "diffusers.quantizers" in sys.modules:
+        return
+    filters = [(logging.getLogger(name), DropNotice(prefix)) for name, prefix in IMPORT_NOTICES]
+    for logger, notice in filters:
+        logger.addFilter(notice)
+    try:
+        _import_quantizers_without_bnb()
+    finally:
+        for logger, notice in filters:
+            logger.removeFilter(notice)
+
+
+def _import_quantizers_without_bnb() -> None:
+    if "bitsandbytes" in sys.modules:
+        importlib.import_module("diffusers.quantizers")
         return
     try:
         import_utils = importlib.import_module("diffusers.utils.import_utils")
@@ -69,6 +92,7 @@ def defer_bitsandbytes() -> None:
         return
     available = getattr(import_utils, "_bitsandbytes_available", None)
     if available is not True:
+        importlib.import_module("diffusers.quantizers")
         return
     import_utils._bitsandbytes_available = False  # read by `if is_bitsandbytes_available(): import bitsandbytes`
     try:
