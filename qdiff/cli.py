@@ -106,6 +106,9 @@ def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="table of layers, bits and bytes of an export folder")
     p.add_argument("folder")
     p.add_argument("--all", action="store_true", help="list every layer (default: the first 40)")
+    p.add_argument("--resident", action="store_true",
+                   help="also load the export on CPU, draw one 1-step image and measure the bytes it keeps in "
+                   "memory (packed codes + the int8 copies the cpu_int8 backend prepacks)")  # fmt: skip
 
 
 def _add_fit_schedule(sub) -> None:
@@ -354,10 +357,40 @@ def _schedule_steps(pipe) -> int | None:
 
 
 def cmd_inspect(args) -> int:
+    from qdiff.backends.registry import REGISTRY
     from qdiff.eval.size import export_report
 
     print(export_report(Path(args.folder), limit=None if args.all else 40))
+    print()
+    for name, status in REGISTRY.describe("cpu"):
+        print(f"backend    {name}: {status}")
+    if args.resident:
+        print(_resident_line(Path(args.folder)))
     return 0
+
+
+def _resident_line(folder: Path) -> str:
+    """Load the export on CPU, run one 1-step image so every layer meets its backend, and measure what stays."""
+    import dataclasses
+
+    from qdiff.backends.cpu_int8 import resident_nbytes
+    from qdiff.eval.size import module_nbytes
+    from qdiff.export.resolve import load_pipeline, place
+    from qdiff.models.adapters import find_denoiser
+    from qdiff.quant.transform import get_info
+    from qdiff.sampling.draw import draw
+
+    pipe = load_pipeline(str(folder))
+    dtype = place(pipe, "cpu")
+    den = find_denoiser(pipe)[1]
+    sampler = dataclasses.replace(get_info(den).recipe.sampler, steps=1)
+    draw(pipe, ["a test prompt"], [0], sampler, 1)
+    stored, extra = module_nbytes(den), resident_nbytes(den)
+    return (
+        f"resident   denoiser {stored / 2**20:.2f} MiB stored (codes, scales, float rest) + {extra / 2**20:.2f} MiB "
+        f"of int8 copies prepacked by cpu_int8 = {(stored + extra) / 2**20:.2f} MiB in memory on this CPU "
+        f"(float parts in {str(dtype).removeprefix('torch.')})"
+    )
 
 
 def cmd_fit_schedule(args) -> int:

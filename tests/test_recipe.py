@@ -63,7 +63,7 @@ def test_frozen():
         ({"weights": {"granularity": "group"}}, "recipe: weights.group_size: got None, allowed values are 32, 64"),
         ({"weights": {"group_size": 64}}, "recipe: weights.group_size: only allowed with granularity: group"),
         ({"activations": {"mode": "weird"}}, "recipe: activations.mode: got 'weird', allowed values are 'dynamic'"),
-        ({"kernel": "cuda"}, "recipe: kernel: got 'cuda', allowed values are 'auto', 'triton', 'torch'"),
+        ({"kernel": "cuda"}, "recipe: kernel: got 'cuda', allowed values are 'auto', 'triton', 'cpu_int8', 'torch'"),
         ({"skip": "conv_in"}, "recipe: skip: must be a list"),
         ({"weights": [8]}, "recipe: weights: must be a mapping"),
         ([1, 2], "recipe: (top level): must be a mapping"),

@@ -41,8 +41,7 @@ REFERENCE = "torch"
 # stays last: it supports every call and is the fallback.
 BACKENDS: tuple[tuple[str, str], ...] = (
     ("triton", "qdiff.backends.triton:TritonBackend"),
-    # ---- the CPU int8 backend goes here (lead): ("cpu_int8", "qdiff.backends.cpu_int8:CpuInt8Backend"), and
-    # ---- "cpu_int8" in qdiff/config/sections.py KERNELS (tests/backends/test_backend_registry.py keeps them equal).
+    ("cpu_int8", "qdiff.backends.cpu_int8:CpuInt8Backend"),  # oneDNN VNNI int8, behind its exactness gate
     (REFERENCE, "qdiff.backends.reference:ReferenceBackend"),
 )
 
@@ -116,6 +115,33 @@ class Registry:
                 log.warning("kernel %r skipped: self-test failed: %s", name, why)
             self._loaded[name] = (backend, "") if ok else (None, f"kernel {name!r} failed its self-test: {why}")
         return self._loaded[name]
+
+    def describe(self, device: torch.device | str = "cpu") -> list[tuple[str, str]]:
+        """(name, status) per backend on ``device``, in priority order: what ``auto`` can use here and why not.
+
+        Runs the self-test of every backend that runs on the device (once per process), so ``qdiff inspect`` and
+        ``qdiff bench`` can report the exactness gate's verdict."""
+        dev = torch.device(device)
+        out = []
+        for name in self.names:
+            spec = self._specs[name]
+            if isinstance(spec, str):
+                module, _, cls = spec.partition(":")
+                probe = getattr(importlib.import_module(module), cls)()
+            else:
+                probe = spec()
+            why = probe.device_error(dev, False)
+            if why:
+                out.append((name, f"not on {dev.type}: {why}"))
+                continue
+            backend, why = self.backend(name)
+            if backend is None:
+                out.append((name, f"off: {why}"))
+            elif hasattr(backend, "self_test"):
+                out.append((name, "on: exact on this machine (self-test passed)"))
+            else:
+                out.append((name, "on" + (" (exact reference, covers every layer)" if name == REFERENCE else "")))
+        return out
 
     def check(self, preference: str) -> str:
         """``preference`` itself when it is ``auto`` or a registered name; a QdiffError naming the choices else."""

@@ -18,7 +18,7 @@ GROUP_SIZES = (32, 64, 128, 256)
 WEIGHT_METHODS = ("minmax", "mse")
 ACT_MODES = ("dynamic", "static")
 OBSERVERS = ("minmax", "ema", "percentile", "mse")
-KERNELS = ("auto", "triton", "torch")
+KERNELS = ("auto", "triton", "cpu_int8", "torch")  # the backend registry's names (a test keeps them equal)
 SCHEDULER_NAMES = ("euler_a", "euler", "lcm", "tcd", "flow_euler", "ddim")  # see qdiff.models.schedulers
 TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
 

@@ -39,17 +39,19 @@ def test_recipe_kernels_are_auto_plus_registered_backends():
 
 def test_resolve_rules(monkeypatch):
     resolve = registry.resolve
+    # on CPU, auto = the int8 backend where its exactness gate passes on this machine, else the reference
+    cpu_auto = "cpu_int8" if registry.REGISTRY.backend("cpu_int8")[0] is not None else "torch"
     assert resolve("torch", "cuda") == "torch"
-    assert resolve("auto", "cpu") == "torch"
+    assert resolve("auto", "cpu") == cpu_auto
     assert resolve("auto", "cuda") == "triton"  # decided from the device type; no GPU needed
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert resolve("triton", "cpu") == "triton"  # the interpreter, only when asked for by name
-    assert resolve("auto", "cpu") == "torch"
+    assert resolve("auto", "cpu") == cpu_auto
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(QdiffError) as err:
         resolve("triton", "cpu")
     assert str(err.value) == NEEDS_CUDA
-    with pytest.raises(QdiffError, match=r"^kernel: got 'cutlass', allowed values are auto, triton, torch$"):
+    with pytest.raises(QdiffError, match=r"^kernel: got 'cutlass', allowed values are auto, triton, cpu_int8, torch$"):
         resolve("cutlass", "cpu")
     monkeypatch.setattr(triton_backend, "triton_available", lambda: False)
     assert resolve("auto", "cuda") == "torch"
@@ -163,7 +165,7 @@ def test_registry_import_and_cpu_resolution_do_not_import_triton():
     code = (
         "import sys\n"
         "from qdiff.backends import registry\n"
-        "assert registry.resolve('auto', 'cpu') == 'torch'\n"
+        "assert registry.resolve('auto', 'cpu') in ('cpu_int8', 'torch')  # cpu_int8 when its gate passes\n"
         "assert 'triton' not in sys.modules and 'qdiff._kernels' not in sys.modules\n"
         "print('ok')\n"
     )
@@ -172,7 +174,8 @@ def test_registry_import_and_cpu_resolution_do_not_import_triton():
 
 
 def test_dispatch_compiles_without_graph_breaks():
-    """Selection and the spy are plain Python that torch.compile traces through (no graph break per layer)."""
+    """Selection, the spy and the reference backend are plain Python that torch.compile traces through (no graph
+    break per layer). The cpu_int8 backend (oneDNN ops behind a prepack cache) is not traceable yet: pinned off."""
     import torch._dynamo as dynamo
 
     net = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 25, 8))
@@ -181,6 +184,7 @@ def test_dispatch_compiles_without_graph_breaks():
         if cfg.static_act:
             net[i].set_act_qparams(torch.tensor(0.05), torch.tensor(2))
         net[i].freeze()
+        net[i].kernel = "torch"
     x = torch.randn(2, 4, 5, 5)
     with torch.no_grad():
         dynamo.reset()
