@@ -212,7 +212,7 @@ def test_size_line_shows_float16_checkpoint_and_float32_copy(fp16_folder, tmp_pa
     ck = sum(t.numel() * 2 for t in tensors.values())  # bytes on disk
     mem = sum(t.numel() * 4 for t in tensors.values())  # the float32 copy diffusers makes by default
     out = tmp_path / "q32"
-    assert main(["quantize", "--model", str(fp16_folder), "--out", str(out), "--no-progress"]) == 0
+    assert main(["quantize", "--model", str(fp16_folder), "--out", str(out), "--no-progress", "--in-memory"]) == 0
     q = module_nbytes(qdiff.load(out).unet)  # measured again from the reloaded export
     mib = 2**20
     assert _size_line(capsys.readouterr().out) == (
@@ -221,14 +221,26 @@ def test_size_line_shows_float16_checkpoint_and_float32_copy(fp16_folder, tmp_pa
     )
     out16 = tmp_path / "q16"
     assert (
-        main(["quantize", "--model", str(fp16_folder), "--dtype", "float16", "--out", str(out16), "--no-progress"])
+        main(["quantize", "--model", str(fp16_folder), "--dtype", "float16", "--out", str(out16), "--no-progress",
+              "--in-memory"])
         == 0
-    )
+    )  # fmt: skip
     q16 = module_nbytes(qdiff.load(out16).unet)
     assert _size_line(capsys.readouterr().out) == (
         f"denoiser   {ck / mib:.2f} MiB float16 checkpoint -> {q16 / mib:.2f} MiB quantized "
         f"({q16 / ck:.3f}x the checkpoint)"
     )
+    # the default for a local folder: streamed, the same export bytes as in memory at the checkpoint's dtype
+    streamed = tmp_path / "streamed"
+    assert main(["quantize", "--model", str(fp16_folder), "--out", str(streamed), "--no-progress"]) == 0
+    text = capsys.readouterr().out
+    assert "(streamed: read one tensor at a time, never loaded whole)" in text
+    assert _size_line(text) == (
+        f"denoiser   {ck / mib:.2f} MiB float16 checkpoint -> {q16 / mib:.2f} MiB quantized "
+        f"({q16 / ck:.3f}x the checkpoint, measured from the files)"
+    )
+    weights = "unet/qdiff.safetensors"
+    assert (streamed / weights).read_bytes() == (out16 / weights).read_bytes()
 
 
 def test_quantize_refuses_a_checkpoint_with_nan_weights(fp16_folder, tmp_path, capsys):
@@ -242,7 +254,10 @@ def test_quantize_refuses_a_checkpoint_with_nan_weights(fp16_folder, tmp_path, c
     save_file(tensors, str(_unet_file(bad)))
     out = tmp_path / "o"
     fragment = "denoiser: weight of 'down_blocks.0.attentions.0.proj_in' has 3 NaN values"
-    _fails(capsys, ["quantize", "--model", str(bad), "--out", str(out), "--no-progress"], fragment)
+    _fails(capsys, ["quantize", "--model", str(bad), "--out", str(out), "--no-progress", "--in-memory"], fragment)
+    assert not out.exists()
+    streamed = "'down_blocks.0.attentions.0.proj_in' has 3 NaN values; non-finite weights would reach every image"
+    _fails(capsys, ["quantize", "--model", str(bad), "--out", str(out), "--no-progress"], streamed)
     assert not out.exists()
 
 
