@@ -14,7 +14,8 @@ from qdiff.errors import QdiffError
 from qdiff.models.adapters import find_denoiser, get_adapter
 from qdiff.models.schedulers import apply_sampler_scheduler
 from qdiff.quant.observers import make_observer
-from qdiff.quant.split import SplitObserver, part_keys
+from qdiff.quant.ranges import static_qparams
+from qdiff.quant.split import SplitObserver
 from qdiff.quant.transform import QuantInfo, apply_specs, get_info, layer_specs, quantized_layers, set_info
 from qdiff.sampling.draw import draw
 from qdiff.sampling.prompts import load_prompts
@@ -73,7 +74,8 @@ def quantize(
         layers[name].set_bos(probe.mode, emb)
     static = {name: m for name, m in layers.items() if m.qcfg.static_act}
     if static and ranges is not None:
-        _static_from_ranges(static, recipe, ranges)
+        for name, qparams in static_qparams(static, recipe, ranges).items():
+            static[name].set_act_qparams(*qparams)
     elif static:
         _calibrate_static(pipe, static, recipe, prompts, progress)
     for m in tqdm(layers.values(), desc="packing weights", disable=not progress, leave=False):
@@ -106,28 +108,6 @@ def _probe_bos(pipe, den, adapter, specs, recipe: Recipe, prompts: list[str] | N
         return None
     prompts = prompts or load_prompts(recipe.calibration.prompts, recipe.calibration.num_prompts)
     return probe_bos(pipe, kv, probe_prompts(prompts), recipe.sampler)
-
-
-def _static_from_ranges(layers: dict, recipe: Recipe, ranges: CapturedStats) -> None:
-    """Static activation (scale, zero-point) from captured statistics with the recipe's observer."""
-    act = recipe.activations
-    for name, layer in layers.items():
-        stats = ranges.layers.get(name)
-        if stats is None or stats.num_updates == 0:
-            raise QdiffError(f"captured ranges have no statistics for layer {name!r}; run qdiff calibrate again")
-        bos = name in set(ranges.meta.get("bos_layers", ()))
-        if bos != hasattr(layer, "bos_mode"):
-            raise QdiffError(f"captured ranges for {name!r} were taken with bos_aware={bos}; the recipe differs")
-        parts = [stats]
-        if layer.qcfg.split_act:  # one range per part (Q-Diffusion shortcut splitting)
-            if (ranges.meta.get("split_layers") or {}).get(name) != layer.qcfg.a_split:
-                raise QdiffError(
-                    f"captured ranges have no per-part statistics for split layer {name!r}; run qdiff calibrate "
-                    "again (activations.split_skip: true) or set activations.split_skip: false"
-                )
-            parts = [ranges.layers[key] for key in part_keys(name)]
-        qparams = [st.qparams(act.observer, layer.qcfg.a_bits, False, act.percentile) for st in parts]
-        layer.set_act_qparams([q[0] for q in qparams], [q[1] for q in qparams])
 
 
 def _calibrate_static(pipe, layers: dict, recipe: Recipe, prompts: list[str] | None, progress: bool) -> None:

@@ -52,7 +52,7 @@ from qdiff.export.shards import ShardedWriter, TensorSpec
 from qdiff.models.adapters import get_adapter
 from qdiff.models.families import current_registry
 from qdiff.quant.modules import QuantConv2d, quant_module_for
-from qdiff.quant.split import part_keys
+from qdiff.quant.ranges import static_qparams
 from qdiff.quant.transform import build_frozen_shells, layer_specs
 from qdiff.utils.finite import NonFiniteError, check_tensor
 
@@ -238,7 +238,7 @@ class _Job:
         _check_keys(reader, den.state_dict())
         float_layers = {name: den.get_submodule(name) for name in specs}
         shells = build_frozen_shells(den, specs, None)
-        acts = _static_qparams(shells, recipe, ranges) if any(q.static_act for q in specs.values()) else {}
+        acts = static_qparams(shells, recipe, ranges) if any(q.static_act for q in specs.values()) else {}
         owner = {f"{name}.{leaf}": name for name in specs for leaf in ("weight", "bias")}
 
         def stored(key: str) -> torch.dtype:  # the dtype a checkpoint tensor is read and written in
@@ -334,33 +334,6 @@ def _check_keys(reader: CheckpointReader, expected: dict[str, torch.Tensor]) -> 
         if reader.shape(key) != tuple(ref.shape):
             raise QdiffError(f"{reader.file_of(key)}: tensor {key!r} has shape {reader.shape(key)}, the config "
                              f"gives {tuple(ref.shape)}")  # fmt: skip
-
-
-def _static_qparams(shells: dict, recipe: Recipe, ranges) -> dict[str, tuple[list, list]]:
-    """Static (scales, zero-points) per layer from captured statistics with the recipe's observer (as
-    ``qdiff.quantize(ranges=...)``); errors name the layer before any tensor is read."""
-    act = recipe.activations
-    out = {}
-    bos_layers = set(ranges.meta.get("bos_layers", ()))
-    for name, layer in shells.items():
-        if not layer.qcfg.static_act:
-            continue
-        stats = ranges.layers.get(name)
-        if stats is None or stats.num_updates == 0:
-            raise QdiffError(f"captured ranges have no statistics for layer {name!r}; run qdiff calibrate again")
-        if name in bos_layers:
-            raise QdiffError(f"captured ranges for {name!r} were taken with bos_aware=True; the recipe differs")
-        parts = [stats]
-        if layer.qcfg.split_act:  # one range per part (Q-Diffusion shortcut splitting)
-            if (ranges.meta.get("split_layers") or {}).get(name) != layer.qcfg.a_split:
-                raise QdiffError(
-                    f"captured ranges have no per-part statistics for split layer {name!r}; run qdiff calibrate "
-                    "again (activations.split_skip: true) or set activations.split_skip: false"
-                )
-            parts = [ranges.layers[key] for key in part_keys(name)]
-        qparams = [st.qparams(act.observer, layer.qcfg.a_bits, False, act.percentile) for st in parts]
-        out[name] = ([q[0] for q in qparams], [q[1] for q in qparams])
-    return out
 
 
 def _float_layer(meta: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
