@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import inspect
+import warnings
 
 import pytest
 import torch
 
 from qdiff.errors import QdiffError
-from qdiff.sched.qsched import QSchedScheduler, Schedule, apply_schedule, get_schedule
+from qdiff.sched.qsched import QSchedScheduler, QSchedStepsWarning, Schedule, apply_schedule, get_schedule
 
 SD_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 STEPS = 2
@@ -85,17 +86,40 @@ def test_ddim_step_index_from_timestep():
         DDIMScheduler(**SD_BETAS, timestep_spacing="trailing"), Schedule((1.0, 1.0, 1.0), (1,) * 3)
     )
     sched.set_timesteps(3)
-    assert [sched._index(t) for t in sched.timesteps] == [0, 1, 2]
+    assert [sched._qs_index(t) for t in sched.timesteps] == [0, 1, 2]
+    assert sched._qs_index(torch.tensor(5)) is None  # off the schedule: plain DDIM step
 
 
 def test_step_count_mismatch_and_unsupported():
     from diffusers import LCMScheduler, PNDMScheduler
 
-    sched = QSchedScheduler(LCMScheduler(**SD_BETAS), Schedule.identity(4))
+    sched = QSchedScheduler(LCMScheduler(**SD_BETAS), Schedule.identity(4), strict=True)
     with pytest.raises(QdiffError, match="fitted for 4 steps but the sampler runs 2"):
         sched.set_timesteps(2)
+    with pytest.warns(QSchedStepsWarning, match="fitted for 4 steps but the sampler runs 2: running the plain"):
+        QSchedScheduler(LCMScheduler(**SD_BETAS), Schedule.identity(4)).set_timesteps(2)
     with pytest.raises(QdiffError, match="does not support scheduler PNDMScheduler"):
         QSchedScheduler(PNDMScheduler(**SD_BETAS), Schedule.identity(2))
+
+
+@pytest.mark.parametrize("name", ["lcm", "ddim"])
+def test_pipeline_with_another_step_count_runs_the_plain_scheduler(name):
+    """One warning per run, and the images of the plain scheduler at that step count (coefficients not applied)."""
+    from diffusers import SchedulerMixin
+
+    pipe, extra = _pipe(name)
+    plain_cls = type(pipe.scheduler)
+    gen = torch.Generator("cpu").manual_seed(0)
+    kw = dict(num_inference_steps=STEPS + 1, output_type="pt", guidance_scale=1.0, height=32, width=32, **extra)
+    plain = pipe(["a red cat"], generator=gen, **kw).images
+    pipe.scheduler = QSchedScheduler(pipe.scheduler, Schedule((0.9, 1.05), (1.03, 0.98)))  # diffusers' setattr
+    assert isinstance(pipe.scheduler, (plain_cls, SchedulerMixin, QSchedScheduler))
+    assert pipe.config["scheduler"] == ("diffusers", plain_cls.__name__)  # model_index names the real class
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        wrapped = pipe(["a red cat"], generator=torch.Generator("cpu").manual_seed(0), **kw).images
+    assert [type(w.message) for w in caught if issubclass(w.category, QSchedStepsWarning)] == [QSchedStepsWarning]
+    assert torch.equal(plain, wrapped)
 
 
 def test_drop_in_delegation():
