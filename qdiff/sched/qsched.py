@@ -299,15 +299,18 @@ def _wrapper_class(inner_cls: type) -> type:
     return type(inner_cls.__name__, (QSchedScheduler, inner_cls), namespace)
 
 
-def apply_schedule(pipe, schedule: Schedule | None):
+def apply_schedule(pipe, schedule: Schedule | None, strict: bool = False):
     """Install ``schedule`` on ``pipe.scheduler`` (``None`` removes the wrapper); returns ``pipe``.
+
+    ``strict``: a run at another step count than the schedule's raises instead of warning and running plain (the
+    fit uses it, so a candidate is never silently measured as the plain scheduler).
 
     The pipeline's config (``model_index.json``) keeps naming the wrapped scheduler class, because the
     scheduler folder holds that scheduler's own config; the coefficients travel in ``qsched.json``.
     """
     current = pipe.scheduler
     inner = current.inner if isinstance(current, QSchedScheduler) else current
-    new = inner if schedule is None else QSchedScheduler(inner, schedule)
+    new = inner if schedule is None else QSchedScheduler(inner, schedule, strict=strict)
     object.__setattr__(pipe, "scheduler", new)  # bypass DiffusionPipeline.__setattr__'s config rewrite
     return pipe
 

@@ -28,7 +28,7 @@ HELDOUT_SEED_OFFSET = 10_000
 def render(pipe, schedule: Schedule | None, prompts: Sequence[str], seeds: Sequence[int], sampler: SamplerConfig,
            batch_size: int) -> Tensor:  # fmt: skip
     """Images (P, 3, H, W) in [0, 1], one per prompt with its own seed, drawn with ``schedule`` installed."""
-    apply_schedule(pipe, schedule)
+    apply_schedule(pipe, schedule, strict=True)  # a candidate must run at its own step count
     return draw(pipe, prompts, seeds, sampler, batch_size)
 
 
