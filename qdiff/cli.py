@@ -235,10 +235,12 @@ def cmd_quantize(args) -> int:
     print(f"export     {out}  ({time.perf_counter() - t0:.1f} s)")
     if evaluator is not None:
         from qdiff.eval.report import markdown_table, save_report
+        from qdiff.export.card import add_eval_table
 
         evaluator.add(recipe.name, pipe)
         result = evaluator.result()
         report = save_report(result, Path(f"{out}-eval"), overwrite=args.overwrite, command=_command_line())
+        add_eval_table(out, markdown_table(result))  # into the export's model card (README.md), re-hashed
         print()
         print(markdown_table(result))
         print(f"\neval       {report}/report.md, {report}/grid.png ({time.perf_counter() - t0:.1f} s in all)")

@@ -27,6 +27,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("eval",),
     ("bench",),
     ("api",),
+    ("integrations",),  # diffusers quantization backend (quant_method "qdiff"); may import the API
     ("cli", "__init__", "__main__"),
 )
 

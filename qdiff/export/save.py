@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from qdiff.errors import QdiffError
+from qdiff.export.card import write_card, write_denoiser_files
 from qdiff.export.manifest import (
     MAX_SHARD_BYTES,
     WEIGHTS_FILE,
@@ -136,7 +137,10 @@ def _write(pipe, attr: str, den, info, tmp: Path, max_shard_bytes: float) -> Non
         plan=None if info.plan is None else info.plan.to_dict(),
         layers={name: layer_entry(m) for name, m in layers.items()},
         schedule=_schedule(pipe),
-        files=hash_tree(tmp),
+        files={},
         text_encoders=text_encoders,
     )
+    write_denoiser_files(tmp / attr, weights, info.recipe.name)  # quantization_config + diffusers index
+    write_card(tmp, manifest)  # README.md, hashed with the rest
+    manifest["files"] = hash_tree(tmp)
     write_manifest(tmp, manifest)

@@ -35,6 +35,7 @@ from qdiff.config.layer import LayerQuant
 from qdiff.config.plan import Plan
 from qdiff.config.recipe import Recipe, TextEncoderConfig
 from qdiff.errors import QdiffError
+from qdiff.export.card import write_card, write_denoiser_files
 from qdiff.export.checkpoint import CONFIG_NAME, MODEL_INDEX, CheckpointReader, denoiser_subfolder, open_checkpoint
 from qdiff.export.load import _denoiser_class
 from qdiff.export.manifest import (
@@ -195,9 +196,12 @@ def stream_quantize(
                 plan=None if plan is None else plan.to_dict(),
                 layers=job.layers,
                 schedule=None,
-                files=hash_tree(tmp),
+                files={},
                 denoiser_only=parts is None,
             )
+            write_denoiser_files(tmp / job.attr, weights, recipe.name)  # quantization_config + diffusers index
+            write_card(tmp, manifest)  # README.md, hashed with the rest
+            manifest["files"] = hash_tree(tmp)
             write_manifest(tmp, manifest)
     return out
 

@@ -283,7 +283,8 @@ def test_denoiser_folder_and_single_file(sources, tmp_path):
     m = _manifest(out)
     assert m["denoiser_only"] is True and m["pipeline_class"] is None
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
-        "qdiff.json", "unet/config.json", "unet/qdiff.safetensors"
+        "README.md", "qdiff.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors.index.json",
+        "unet/qdiff.safetensors",
     ]  # fmt: skip
     with pytest.raises(QdiffError, match="holds only the denoiser"):
         qdiff.load(out)
