@@ -255,7 +255,7 @@ _FLOAT_NAMES = frozenset({"float32", "float16", "bfloat16", "float64"})
 def _why_not_stream(args, spec: str, recipe, plan, ranges) -> str | None:
     """None when ``qdiff quantize`` streams (the default for local checkpoints: the float model is never loaded
     whole, qdiff.export.stream), else why the in-memory path runs."""
-    from qdiff.export.stream import can_stream
+    from qdiff.export.stream import can_stream, resolve_source
 
     if args.in_memory:
         return "--in-memory"
@@ -267,7 +267,13 @@ def _why_not_stream(args, spec: str, recipe, plan, ranges) -> str | None:
     if not local:
         return "only local diffusers folders and .safetensors files stream (builtin models and hub ids load whole)"
     ok, reason = can_stream(recipe, plan, ranges)
-    return None if ok else reason
+    if not ok:
+        return reason
+    try:  # the denoiser's config.json must be at hand to build it without weights
+        resolve_source(spec, args.config)
+    except QdiffError as exc:
+        return f"cannot stream this source ({exc})"
+    return None
 
 
 def _stream(args, spec: str, recipe, plan, ranges, out: Path, t0: float) -> int:
