@@ -1,8 +1,10 @@
-"""Argument parsing and printing for ``qdiff bench kernels | pipeline`` (the work is in kernels.py / pipeline.py)."""
+"""Argument parsing and printing for ``qdiff bench kernels | pipeline | cpu`` (the work is in kernels.py,
+pipeline.py and cpu.py)."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from qdiff.utils.cli_args import image_size, positive_int
 
@@ -28,12 +30,29 @@ def add_bench_parser(sub) -> None:
     q.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile (default: on GPU only)")  # fmt: skip
     q.add_argument("--out", help="also write the table to this Markdown file (atomically)")
+    c = which.add_parser("cpu", help="the cpu_int8 backend vs fp32 / bf16: per layer, Shapes pipeline, SDXL UNet")
+    c.add_argument("--layers", action="store_true", help="per-layer table (Linear 1024xKxN shapes, 3x3 conv)")
+    c.add_argument("--pipeline", action="store_true", help="Shapes pipeline s/image, SSIM and exactness")
+    c.add_argument("--sdxl", metavar="FOLDER", help="also one real-size SDXL UNet call (a diffusers folder with "
+                   "unet/; needs ~14 GiB of free memory)")  # fmt: skip
+    c.add_argument("--rounds", type=positive_int("--rounds"), default=5,
+                   help="interleaved timing rounds (default: 5; SDXL: at most 3 warm calls)")  # fmt: skip
+    c.add_argument("--threads", type=positive_int("--threads"),
+                   help="torch threads (default: one per core); 1: steadier ratios on a busy machine")  # fmt: skip
+    c.add_argument("--quick", action="store_true", help="smallest layer shapes, 2-image batch (a smoke test)")
+    c.add_argument("--out", help="also write the report to this Markdown file (atomically)")
 
 
 def run_bench(args) -> int:
     from qdiff.bench.report import write_atomic
 
-    if args.bench == "kernels":
+    if args.bench == "cpu":
+        from qdiff.bench.cpu import run_cpu_bench
+
+        every = not (args.layers or args.pipeline or args.sdxl)  # nothing chosen: layers and pipeline
+        text = run_cpu_bench(layers=args.layers or every, pipeline=args.pipeline or every, sdxl=args.sdxl,
+                             rounds=args.rounds, quick=args.quick, threads=args.threads)  # fmt: skip
+    elif args.bench == "kernels":
         from qdiff.bench.kernels import run_kernel_bench
 
         text = run_kernel_bench(args.device, reps=args.reps, sweep=args.sweep)
@@ -48,4 +67,7 @@ def run_bench(args) -> int:
     print(text, end="")
     if args.out:
         print(f"wrote {write_atomic(args.out, text)}")
+    if "DIFFERS" in text:  # an int8 result that is not the reference's: the report shows where
+        print("qdiff: error: an int8 output differs from the torch reference (see the table)", file=sys.stderr)
+        return 1
     return 0
