@@ -102,14 +102,18 @@ class Registry:
         """Every value the recipe's ``kernel`` may take."""
         return (AUTO, *self.names)
 
+    def _make(self, name: str) -> Backend:
+        """A fresh instance of the declared backend (its module imported on first use)."""
+        spec = self._specs[name]
+        if isinstance(spec, str):
+            module, _, cls = spec.partition(":")
+            spec = getattr(importlib.import_module(module), cls)
+        return spec()
+
     def backend(self, name: str) -> tuple[Backend | None, str]:
         """(the backend, "") once imported and self-tested; (None, why) when its self-test failed."""
         if name not in self._loaded:
-            spec = self._specs[name]
-            if isinstance(spec, str):
-                module, _, cls = spec.partition(":")
-                spec = getattr(importlib.import_module(module), cls)
-            backend: Backend = spec()
+            backend = self._make(name)
             ok, why = backend.self_test() if hasattr(backend, "self_test") else (True, "")
             if not ok:
                 log.warning("kernel %r skipped: self-test failed: %s", name, why)
@@ -124,13 +128,7 @@ class Registry:
         dev = torch.device(device)
         out = []
         for name in self.names:
-            spec = self._specs[name]
-            if isinstance(spec, str):
-                module, _, cls = spec.partition(":")
-                probe = getattr(importlib.import_module(module), cls)()
-            else:
-                probe = spec()
-            why = probe.device_error(dev, False)
+            why = self._make(name).device_error(dev, False)
             if why:
                 out.append((name, f"not on {dev.type}: {why}"))
                 continue
