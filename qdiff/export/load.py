@@ -123,7 +123,14 @@ def load_denoiser(folder: Path, manifest: dict, device: torch.device | str | Non
         build_frozen_shells(den, specs, bos)
     except (TypeError, ValueError, AttributeError, KeyError) as exc:
         raise QdiffError(f"{folder / MANIFEST}: layer table does not match the denoiser config ({exc})") from None
-    weights = str(den_info.get("weights"))
+    fill_denoiser(den, folder, str(den_info.get("weights")), device)
+    return den.eval()
+
+
+def fill_denoiser(den: torch.nn.Module, folder: Path, weights: str, device=None) -> None:
+    """Read the export's denoiser tensors (``weights``: the file or shard index, relative to ``folder``) one module
+    at a time into ``den``'s meta shells: names, shapes, dtypes and finiteness checked first, each tensor moved to
+    ``device`` as it is read; every tensor of ``den`` must be restored."""
     with _weights_reader(folder, weights) as reader:
         _check_tensors(reader, den.state_dict(), folder / weights)
         _assign(den, reader, device)
@@ -132,7 +139,6 @@ def load_denoiser(folder: Path, manifest: dict, device: torch.device | str | Non
         raise QdiffError(f"{folder / weights}: tensor {leftover[0]!r} was not restored")
     if device is not None:
         den.to(device)  # the small non-persistent buffers built with the architecture
-    return den.eval()
 
 
 def _finish(den: torch.nn.Module, manifest: dict) -> Recipe:

@@ -197,17 +197,9 @@ class QdiffQuantizer(DiffusersQuantizer):
 def _fill_from_export(model: torch.nn.Module, root: Path, manifest: dict, device: torch.device | None) -> None:
     """Read, check and assign the export's tensors into the frozen shells (as ``qdiff.load`` does), each moved to
     ``device`` as it is read."""
-    from qdiff.export.load import _assign, _check_tensors, _finish, _weights_reader
+    from qdiff.export.load import _finish, fill_denoiser
 
-    weights = str(manifest["denoiser"].get("weights"))
-    with _weights_reader(root, weights) as reader:
-        _check_tensors(reader, model.state_dict(), root / weights)
-        _assign(model, reader, device)
-    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-    if leftover:
-        raise QdiffError(f"{root / weights}: tensor {leftover[0]!r} was not restored")
-    if device is not None:
-        model.to(device)  # the small non-persistent buffers built with the architecture
+    fill_denoiser(model, root, str(manifest["denoiser"].get("weights")), device)
     _finish(model, manifest)
     model.eval()
     if manifest.get("schedule") is not None:  # pipeline-level: diffusers loads the plain scheduler
