@@ -47,7 +47,7 @@ class Target:
 def gate() -> tuple[bool, list[tuple[str, str]]]:
     """(cpu_int8 usable here, ``REGISTRY.describe("cpu")``): runs the exactness gate once per process."""
     described = REGISTRY.describe("cpu")
-    return dict(described).get(INT8, "").startswith("on"), described
+    return REGISTRY.backend(INT8)[0] is not None, described
 
 
 def loadavg() -> str:
