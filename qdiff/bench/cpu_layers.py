@@ -160,7 +160,7 @@ def layer_section(rounds: int, quick: bool, use_int8: bool) -> tuple[str, list[T
         sizes += [size] if size else []
     b, c, h, w = QUICK_CONV if quick else CONV
     conv, x = _conv(b, c, h, w, gen)
-    convs = tuple(v for v in QUANT_VARIANTS if v[1].group_size is None)  # no group-wise conv in cpu_int8
+    convs = (*QUANT_VARIANTS, ("W4A8 g64", W4A8_G64, REF))  # group-wise conv: cpu_int8's im2col vs the reference
     found, r, _ = _measure(f"conv3×3 {b}×{c}×{h}×{w}→{c} (M={b * h * w}, K={9 * c})", conv, x, convs, rounds, budget,
                         use_int8)  # fmt: skip
     rows += found

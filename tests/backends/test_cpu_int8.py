@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from qdiff.backends import cpu_int8 as ci
-from qdiff.backends import reference
+from qdiff.backends import onednn, reference
 from qdiff.backends.acts import ActSpec, ConvGeometry
 from qdiff.numerics.packed import PackedWeight
 from qdiff.numerics.primitives import compute_qparams, pack_weight
@@ -138,7 +138,7 @@ def test_linear_w4a8_groupwise_ragged_equals_reference(kernel, mode, dtype, gen)
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_linear_w4a8_row_tiles_equal_reference(kernel, gen, monkeypatch):
     """Many rows: the group-wise accumulator is computed in row tiles (64 rows here, the last one ragged)."""
-    monkeypatch.setattr(ci, "_ACC_TILE_BYTES", 1)
+    monkeypatch.setattr(onednn, "_ACC_TILE_BYTES", 1)
     k, n, gs = 80, 16, 16
     q = _codes(n, k, 4, gen)
     scale = torch.rand(n, 5, generator=gen) * 0.1
@@ -225,6 +225,48 @@ def test_conv2d_split_equals_reference(mode, dtype, gen):
         a_zp=act.zp,
     )  # fmt: skip
     assert torch.equal(got, want)
+
+
+GROUPED_CASES = [  # (C, N, kernel, stride, padding, dilation, group_size)
+    (8, 16, (3, 3), (1, 1), (1, 1), (1, 1), 16),  # groups straddle input channels (9 taps each)
+    (6, 10, (3, 3), (2, 2), (1, 1), (1, 1), 20),  # ragged last group
+    (5, 8, (3, 3), (1, 2), (2, 1), (2, 1), 9),
+    (12, 6, (1, 1), (1, 1), (0, 0), (1, 1), 4),
+    (4, 6, (3, 3), (1, 1), "same", (1, 1), 12),
+]
+
+
+@needs_vnni
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=lambda c: f"k{c[2][0]}s{c[3][0]}{c[3][1]}p{c[4]}g{c[6]}")
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_conv2d_grouped_equals_reference(case, mode, gen):
+    """Group-wise (W4A8) Conv2d on cpu_int8: uint8 im2col + group GEMM, equal to the reference's im2col path."""
+    c, n, kernel, stride, padding, dilation, gs = case
+    shape = (n, c, *kernel)
+    k = c * kernel[0] * kernel[1]
+    q = _codes(n, k, 4, gen)
+    scale = torch.rand(n, -(-k // gs), generator=gen) * torch.logspace(-3, -1, n).reshape(-1, 1)
+    pw = PackedWeight(pack_weight(q, 4), scale, 4, k, gs)
+    geom = ConvGeometry(shape, stride, padding, dilation)
+    be = ci.CpuInt8Backend()
+    for dtype, with_bias, split in (
+        (torch.float32, True, None),
+        (torch.bfloat16, False, None),
+        (torch.float32, True, 3),
+    ):
+        x = _x((2, c, 9, 7), dtype, gen)
+        act, bias = _act(mode, x, split=split), _bias(n, with_bias, gen)
+        assert be.supports("conv2d", x, pw, act, geom)
+        got, want = be.conv2d(x, pw, act, bias, geom), reference.conv2d(x, pw, act, bias, geom)
+        assert got.dtype == dtype and got.is_contiguous() and torch.equal(got, want)
+
+
+def test_grouped_conv_with_uneven_same_padding_is_left_to_the_reference(gen):
+    """The reference refuses it (an even kernel's 'same' padding); cpu_int8 must not claim it either."""
+    q = _codes(6, 4 * 4, 4, gen)
+    pw = PackedWeight(pack_weight(q, 4), torch.rand(6, 2, generator=gen), 4, 16, 8)
+    geom = ConvGeometry((6, 4, 2, 2), (1, 1), "same", (1, 1))
+    assert not ci.CpuInt8Backend().supports("conv2d", torch.randn(1, 4, 5, 5), pw, ActSpec(8, "dynamic"), geom)
 
 
 # ---- backend adapter ------------------------------------------------------------------------------------------------
