@@ -121,8 +121,9 @@ def im2col_u8(
     """Patches of uint8 codes ``q`` (B, C, H, W) as rows: ((B * Ho * Wo, C * kh * kw) uint8, Ho, Wo).
 
     Column order (C, kh, kw), the order of a flattened Conv2d weight; ``pads`` (top, bottom, left, right) are
-    filled with the code ``fill`` (the zero-point: the real value 0). ``F.unfold`` has no uint8 kernel; this is one
-    strided gather copy of one byte per element.
+    filled with the code ``fill`` (the zero-point: the real value 0). ``F.unfold`` has no uint8 kernel. Two copies:
+    the windows in (C, kh, kw, Ho, Wo) order (runs of Wo bytes), then one 2-D transposed copy per sample (ATen's
+    blocked transpose); measured 4-6x faster here than one 6-D gather copy (2 x 320 x 64 x 64, 3x3: 37 ms vs 150 ms).
     """
     top, bottom, left, right = pads
     if any(pads):
@@ -132,5 +133,10 @@ def im2col_u8(
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
     ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
     sb, sc, sy, sx = q.stride()
-    win = q.as_strided((b, ho, wo, c, kh, kw), (sb, sy * sh, sx * sw, sc, sy * dh, sx * dw))
-    return win.reshape(b * ho * wo, c * kh * kw), ho, wo
+    win = q.as_strided((b, c, kh, kw, ho, wo), (sb, sc, sy * dh, sx * dw, sy * sh, sx * sw))
+    k, length = c * kh * kw, ho * wo
+    by_k = win.reshape(b, k, length)  # (B, K, L): a copy (the windows overlap)
+    out = torch.empty((b, length, k), dtype=torch.uint8)
+    for i in range(b):
+        out[i].copy_(by_k[i].t())
+    return out.view(b * length, k), ho, wo
