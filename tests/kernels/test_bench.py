@@ -57,8 +57,11 @@ def test_bench_cpu_quick_rows_ran_on_the_backend_they_name(tmp_path, capsys):
     assert "- command: `qdiff bench cpu --layers --pipeline --quick --rounds 1`" in text
 
     layers = _table(text, "### Per layer")
-    # one Linear shape: fp32, bf16, reference, 3 int8 schemes + W4A8 with int4 resident; the conv: no W4A8 rows
-    assert len(layers) == 7 + 5
+    # one Linear shape: fp32, bf16, reference, 3 int8 schemes + W4A8 with int4 resident; the conv: fp32, bf16,
+    # W8A8 reference, 3 int8 schemes (W4A8 g64: group-wise conv on cpu_int8) + W4A8 g64 on the reference
+    assert len(layers) == 7 + 7
+    conv_w4 = [r for r in layers if r[0].startswith("conv") and r[1].startswith("W4A8 g64")]
+    assert sorted(r[1] for r in conv_w4) == ["W4A8 g64 (cpu_int8)", "W4A8 g64 (torch)"]
     for layer, variant, backend, ms, vs_fp32, vs_bf16, exact in layers:
         assert float(ms) > 0 and vs_fp32.endswith("x") and vs_bf16.endswith("x")
         if variant in ("fp32", "bf16"):
@@ -79,8 +82,8 @@ def test_bench_cpu_quick_rows_ran_on_the_backend_they_name(tmp_path, capsys):
     assert by_row[("fp32", "fp32")][6] == "1.0000 / 1.0000"  # the SSIM reference itself
     w8 = by_row[("W8A8 (cpu_int8)", "fp32")]
     assert w8[2].startswith("cpu_int8 ×") and "torch" not in w8[2] and w8[7] == "= reference twin"
-    w4 = by_row[("W4A8 (cpu_int8)", "bf16")]  # group-wise 3x3 convs are not covered: the spy shows them on torch
-    assert w4[2].startswith("cpu_int8 ×") and w4[7] == "= reference twin"
+    w4 = by_row[("W4A8 (cpu_int8)", "bf16")]  # group-wise 3x3 convs included: every quantized layer on cpu_int8
+    assert w4[2].startswith("cpu_int8 ×") and "torch" not in w4[2] and w4[7] == "= reference twin"
     assert (
         by_row[("W8A8 (torch)", "fp32")][2].startswith("torch ×")
         and "cpu_int8" not in by_row[("W8A8 (torch)", "fp32")][2]
