@@ -11,6 +11,7 @@ from qdiff.calib.stats import CapturedStats
 from qdiff.config.plan import Plan
 from qdiff.config.recipe import Recipe, TextEncoderConfig
 from qdiff.errors import QdiffError
+from qdiff.export.pretrained import attach_save, attach_text_encoder_save
 from qdiff.models.adapters import find_denoiser, get_adapter
 from qdiff.models.schedulers import apply_sampler_scheduler
 from qdiff.quant.observers import make_observer
@@ -64,7 +65,8 @@ def quantize(
     if recipe.text_encoders != TextEncoderConfig():  # optional; before calibration so the denoiser sees it
         from qdiff.quant.text_encoders import quantize_text_encoders
 
-        quantize_text_encoders(pipe, recipe.text_encoders)
+        for attr in quantize_text_encoders(pipe, recipe.text_encoders):
+            attach_text_encoder_save(getattr(pipe, attr))
     specs = layer_specs(adapter.layers(den), recipe, plan)
     if not specs:
         raise QdiffError("nothing to quantize: the recipe/plan selects no layer of this model")
@@ -83,6 +85,7 @@ def quantize(
         m.freeze()
     base = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
     set_info(den, QuantInfo(recipe=recipe, plan=plan, base_model=base or None))
+    attach_save(den)  # pipe.save_pretrained writes a qdiff export (qdiff.export.pretrained)
     if recipe.qsched.enabled:  # Q-Sched on the quantized model; prints whether the held-out prompts kept it
         print(fit_schedule(pipe, recipe, progress=progress).message)
     return pipe
@@ -136,19 +139,31 @@ def _calibrate_static(pipe, layers: dict, recipe: Recipe, prompts: list[str] | N
 
 
 def calibrate(
-    pipe, recipe: Recipe | str | Path | None = None, *, work_dir: str | Path | None = None, progress: bool = True
+    pipe,
+    recipe: Recipe | str | Path | None = None,
+    *,
+    work_dir: str | Path | None = None,
+    progress: bool = True,
+    offload: str | None = None,
 ):
     """MixDQ-style calibration of a float ``pipe``: capture ranges, per-layer sensitivity, ILP bit allocation.
 
     Returns a :class:`qdiff.calib.run.CalibrationResult` (``.plan`` feeds :func:`quantize`, ``.stats`` its
-    ``ranges=``; ``.save(folder)`` writes everything). ``work_dir`` makes the run resumable.
+    ``ranges=``; ``.save(folder)`` writes everything). ``work_dir`` makes the run resumable. ``offload``
+    (``"none"``, ``"model"``, ``"sequential"``; default: the recipe's ``calibration.offload``) bounds memory, see
+    :mod:`qdiff.calib.offload`.
     """
+    import dataclasses
+
     from qdiff.calib.run import calibrate as run_calibration
 
     _, den = find_denoiser(pipe)
     if get_info(den) is not None or quantized_layers(den):
         raise QdiffError("calibrate needs the float pipeline; this one is already quantized")
-    return run_calibration(pipe, as_recipe(recipe), work_dir=work_dir, progress=progress)
+    recipe = as_recipe(recipe)
+    if offload is not None:
+        recipe = recipe.replace(calibration=dataclasses.replace(recipe.calibration, offload=offload))
+    return run_calibration(pipe, recipe, work_dir=work_dir, progress=progress)
 
 
 def save(pipe, out_dir: str | Path, overwrite: bool = False) -> Path:

@@ -17,6 +17,7 @@ from qdiff.config.recipe import Recipe
 from qdiff.errors import QdiffError
 from qdiff.export.checkpoint import CheckpointReader, open_checkpoint
 from qdiff.export.manifest import MANIFEST, read_layers, read_manifest, verify_files
+from qdiff.export.pretrained import attach_save, attach_text_encoder_save
 from qdiff.models.families import current_registry
 from qdiff.quant.transform import QuantInfo, build_frozen_shells, set_info
 from qdiff.utils.finite import NonFiniteError, check_tensor
@@ -149,6 +150,7 @@ def _finish(den: torch.nn.Module, manifest: dict) -> Recipe:
         if hasattr(module, "kernel"):
             module.kernel = recipe.kernel
     set_info(den, QuantInfo(recipe=recipe, plan=plan, base_model=manifest.get("base_model")))
+    attach_save(den)  # save_pretrained writes a qdiff export (qdiff.export.pretrained)
     return recipe
 
 
@@ -183,6 +185,8 @@ def load_export(path: str | Path, device: str | torch.device | None = None):
     attr = manifest["denoiser"]["attr"]
     dtype = dtype_kwargs(as_torch_dtype(manifest.get("torch_dtype", "float32")))
     encoders = load_text_encoders(folder, manifest)  # W8A8 CLIP encoders (optional manifest field)
+    for encoder in encoders.values():
+        attach_text_encoder_save(encoder)
     try:
         pipe = DiffusionPipeline.from_pretrained(
             str(folder), **{attr: den}, **encoders, local_files_only=True, use_safetensors=True, **dtype

@@ -87,13 +87,24 @@ def save_quantized(
 ) -> Path:
     """Export ``pipe`` (quantized by :func:`qdiff.quantize`) to ``out_dir``; returns the folder."""
     out = Path(out_dir)
+    _quantized_denoiser(pipe)  # before the temp folder is made
+    with atomic_folder(out, overwrite) as tmp:
+        write_export(pipe, tmp, max_shard_bytes)
+    return out
+
+
+def _quantized_denoiser(pipe):
     attr, den = find_denoiser(pipe)
     info = get_info(den)
     if info is None:
         raise QdiffError("pipeline is not quantized: call qdiff.quantize(pipe, recipe) before saving")
-    with atomic_folder(out, overwrite) as tmp:
-        _write(pipe, attr, den, info, tmp, max_shard_bytes)
-    return out
+    return attr, den, info
+
+
+def write_export(pipe, folder: Path, max_shard_bytes: float = MAX_SHARD_BYTES) -> None:
+    """Write ``pipe``'s export into the empty folder ``folder`` (not atomic: callers write into a temp folder and
+    move it, as :func:`save_quantized` and ``pipe.save_pretrained`` (``qdiff.export.pretrained``) do)."""
+    _write(pipe, *_quantized_denoiser(pipe), Path(folder), max_shard_bytes)
 
 
 def _schedule(pipe) -> dict | None:

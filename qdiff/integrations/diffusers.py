@@ -11,8 +11,9 @@
 * **quantize on load** — ``QdiffConfig(recipe="w8a8")`` in a ``PipelineQuantizationConfig`` quantizes the loaded
   float denoiser exactly as :func:`qdiff.quantize` does; static activations take ranges from
   ``QdiffConfig(calib=DIR)`` (a ``qdiff calibrate`` folder);
-* **save** — refused with a one-line error pointing to :func:`qdiff.save` (diffusers writes one model folder at a
-  time; a qdiff export needs its manifest hashing every file of the pipeline).
+* **save** — ``pipe.save_pretrained(DIR)`` writes a qdiff export: every denoiser qdiff builds carries the
+  ``save_pretrained`` of :mod:`qdiff.export.pretrained`; diffusers' own model save (``ModelMixin.save_pretrained``,
+  which cannot write the manifest hashing every file of the pipeline) is refused here, pointing to :func:`qdiff.save`.
 """
 
 from __future__ import annotations
@@ -131,8 +132,8 @@ class QdiffQuantizer(DiffusersQuantizer):
     @property
     def is_serializable(self) -> bool:
         raise QdiffError(
-            "save_pretrained cannot write a qdiff-quantized model: use qdiff.save(pipe, DIR) (a qdiff export, which "
-            "DiffusionPipeline.from_pretrained loads after `import qdiff.integrations.diffusers`)"
+            "ModelMixin.save_pretrained cannot write a qdiff-quantized model: use pipe.save_pretrained(DIR) or "
+            "qdiff.save(pipe, DIR) (a qdiff export, loaded by qdiff.load and DiffusionPipeline.from_pretrained)"
         )
 
     @property

@@ -52,6 +52,7 @@ def check_recipe(config) -> None:
 
 def quantize_denoiser(den: torch.nn.Module, config) -> torch.nn.Module:
     """Quantize ``den`` in place (the steps of :func:`qdiff.quantize` that touch the denoiser); returns it."""
+    from qdiff.export.pretrained import attach_save
     from qdiff.models.adapters import get_adapter
     from qdiff.quant.ranges import static_qparams
     from qdiff.quant.transform import QuantInfo, apply_specs, layer_specs, set_info
@@ -72,4 +73,5 @@ def quantize_denoiser(den: torch.nn.Module, config) -> torch.nn.Module:
         m.freeze()
     base = den.config.get("_name_or_path") if hasattr(den, "config") else None
     set_info(den, QuantInfo(recipe=recipe, plan=plan, base_model=base or None))
+    attach_save(den)  # pipe.save_pretrained writes a qdiff export
     return den.eval()

@@ -122,11 +122,91 @@ def test_static_recipe_without_ranges_says_calibrate(made):
         DiffusionPipeline.from_pretrained(floating, quantization_config=quant)
 
 
-def test_save_pretrained_points_to_qdiff_save(made, tmp_path):
-    _, export, _ = made("tiny-sd")
-    pipe = DiffusionPipeline.from_pretrained(export)
-    with pytest.raises(QdiffError, match=r"use qdiff.save\(pipe, DIR\)"):
-        pipe.save_pretrained(tmp_path / "out")
+def _files(folder: Path) -> dict[str, str]:
+    return json.loads((folder / "qdiff.json").read_text())["files"]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES) + MORE)
+def test_save_pretrained_writes_the_qdiff_export(made, name, tmp_path):
+    """pipe.save_pretrained of a qdiff.quantize pipeline writes the very files qdiff.save writes (every sha256
+    equal); it loads both ways and draws the in-memory pipeline's image."""
+    _, _, in_memory = made(name)
+    out = tmp_path / "saved"
+    in_memory.save_pretrained(out)
+    assert _files(out) == _files(qdiff.save(in_memory, tmp_path / "ref"))  # tokenizer.json changes once it ran
+    attr = json.loads((out / "qdiff.json").read_text())["denoiser"]["attr"]
+    assert not (out / attr / "diffusion_pytorch_model.safetensors").exists()
+    ref = _image(in_memory)
+    for pipe in (qdiff.load(out), DiffusionPipeline.from_pretrained(out)):
+        _assert_same_state(_denoiser(pipe), _denoiser(in_memory))
+        assert torch.equal(_image(pipe), ref)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_save_pretrained_of_loaded_pipelines_round_trips(made, name, tmp_path):
+    """Loaded by qdiff.load, by diffusers from an export, quantized on load: save_pretrained -> both loaders."""
+    floating, export, in_memory = made(name)
+    attr = FAMILIES[name]
+    quant = PipelineQuantizationConfig(quant_mapping={attr: dm.QdiffConfig(recipe="w8a8")})
+    sources = {
+        "qdiff.load": qdiff.load(export),
+        "from_pretrained": DiffusionPipeline.from_pretrained(export),
+        "on-load": DiffusionPipeline.from_pretrained(floating, quantization_config=quant),
+    }
+    ref = _image(in_memory)
+    for how, pipe in sources.items():
+        out = tmp_path / how
+        pipe.save_pretrained(out)
+        assert not list(out.rglob("*.bin")) and not (out / attr / "diffusion_pytorch_model.safetensors").exists()
+        for again in (qdiff.load(out), DiffusionPipeline.from_pretrained(out)):
+            _assert_same_state(getattr(again, attr), getattr(in_memory, attr))
+            assert torch.equal(_image(again), ref), how
+    again, first = _files(tmp_path / "qdiff.load"), _files(export)  # configs name the folder they were loaded from
+    assert {k: v for k, v in again.items() if k.startswith(f"{attr}/")} == {
+        k: v for k, v in first.items() if k.startswith(f"{attr}/")
+    }
+
+
+def test_save_pretrained_replaces_an_earlier_save_and_keeps_text_encoders(made, tmp_path):
+    """Saving twice into one folder (a smaller second export: no stale file survives); a W8A8 CLIP text encoder is
+    written by the export (diffusers' own save of it would not load)."""
+    from qdiff.export.resolve import load_pipeline as lp
+
+    _, export, in_memory = made("tiny-sd")
+    out = tmp_path / "o"
+    in_memory.save_pretrained(out)
+    recipe = Recipe.load("w8a8")
+    recipe = recipe.replace(text_encoders=type(recipe.text_encoders)(clip="w8a8"))
+    te = qdiff.quantize(lp("builtin:tiny-sd"), recipe, progress=False)
+    te.save_pretrained(out)
+    loaded = qdiff.load(out)
+    _assert_same_state(loaded.text_encoder, te.text_encoder)
+    _assert_same_state(loaded.unet, te.unet)
+    assert torch.equal(_image(loaded), _image(te))
+    with pytest.raises(QdiffError, match=r"W8A8 CLIPTextModel is saved with its pipeline"):
+        te.text_encoder.save_pretrained(tmp_path / "te")
+
+
+def test_save_pretrained_refusals_name_qdiff_save(made, tmp_path):
+    _, export, in_memory = made("tiny-sd")
+    loaded = DiffusionPipeline.from_pretrained(export)
+    for unet in (in_memory.unet, loaded.unet):  # the denoiser alone: no manifest of the pipeline
+        with pytest.raises(QdiffError, match=r"saved with its pipeline \(pipe.save_pretrained\(DIR\) or qdiff.save"):
+            unet.save_pretrained(tmp_path / "unet")
+    with pytest.raises(QdiffError, match=r"variant='fp16' is not supported .* qdiff.save\(pipe, DIR\)"):
+        loaded.save_pretrained(tmp_path / "v", variant="fp16")
+    with pytest.raises(QdiffError, match=r"safe_serialization=False"):
+        in_memory.save_pretrained(tmp_path / "p", safe_serialization=False)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(QdiffError, match=r"notes.txt: not part of the pipeline"):
+        in_memory.save_pretrained(busy)
+    assert (busy / "notes.txt").read_text() == "mine" and not (busy / "qdiff.json").exists()
+    from diffusers import ModelMixin
+
+    with pytest.raises(QdiffError, match=r"ModelMixin.save_pretrained cannot .* qdiff.save\(pipe, DIR\)"):
+        ModelMixin.save_pretrained(loaded.unet, tmp_path / "direct")
 
 
 def test_card_is_hashed_and_measured(made):
@@ -170,12 +250,14 @@ def test_docs_snippets_run(made, tmp_path, monkeypatch):
     floating, export, in_memory = made("tiny-sd")
     text = (Path(__file__).resolve().parents[2] / "docs" / "diffusers.md").read_text()
     blocks = [b.split("```", 1)[0] for b in text.split("```python\n")[1:]]
-    assert len(blocks) == 2
+    assert len(blocks) == 3
+    scope: dict = {}
     for block in blocks:
         code = block.replace("out/sd-w8a8", str(export)).replace("path/to/float-pipeline", str(floating))
-        scope: dict = {}
+        code = code.replace("out/my-copy", str(tmp_path / "copy"))
         exec(compile(code, "docs/diffusers.md", "exec"), scope)
         _assert_same_state(scope["pipe"].unet, in_memory.unet)
+    _assert_same_state(qdiff.load(tmp_path / "copy").unet, in_memory.unet)
 
 
 @pytest.mark.parametrize("name", MORE)
