@@ -137,6 +137,9 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None, help="load the model in")
     p.add_argument("--device", default="cpu", help="device to run on (default: cpu)")
+    p.add_argument("--offload", choices=("none", "model", "sequential"), default=None,
+                   help="bounded memory: components (model) or denoiser blocks (sequential, read from disk one at a "
+                        "time) off the device; default: the recipe's calibration.offload")  # fmt: skip
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -354,6 +357,8 @@ def cmd_eval(args) -> int:
                             seed=args.seed, batch_size=args.batch_size, clip=none(args.clip),
                             quality=none(args.quality), device=args.device, dtype=args.dtype, peers=args.peers,
                             progress=not args.no_progress)  # fmt: skip
+    if not _main_rank():  # under torchrun rank 0 holds the images and writes the report
+        return 0
     save_report(result, out, overwrite=args.overwrite, command=_command_line())
     print(markdown_table(result))
     for note in result.notes:
@@ -372,12 +377,23 @@ def cmd_calibrate(args) -> int:
     recipe = qdiff.Recipe.load(args.recipe)
     if args.mode:
         recipe = recipe.replace(sensitivity=dataclasses.replace(recipe.sensitivity, mode=args.mode))
+    if args.offload:
+        recipe = recipe.replace(calibration=dataclasses.replace(recipe.calibration, offload=args.offload))
     out = _output_folder(args)
     spec = _model_spec(args, recipe)
-    pipe = load_pipeline(spec, torch_dtype=args.dtype, config=args.config)
-    place(pipe, args.device, _source_dtype(args))
+    if recipe.calibration.offload == "sequential" and Path(spec, "model_index.json").is_file():
+        from qdiff.calib.offload import load_offloaded, on_device
+
+        pipe = load_offloaded(spec, torch_dtype=args.dtype)  # the denoiser's blocks stay on disk
+        place(pipe, args.device, _source_dtype(args))
+        on_device(pipe)
+    else:
+        pipe = load_pipeline(spec, torch_dtype=args.dtype, config=args.config)
+        place(pipe, args.device, _source_dtype(args))
     result = calibrate_to_folder(pipe, recipe, out, overwrite=args.overwrite, progress=not args.no_progress)
     meta = result.plan.meta
+    if not _main_rank():
+        return 0
     print(
         f"calibration {out}: {len(result.plan.layers)} layers, W {meta['achieved_w_bits']:.3f} bits, "
         f"A {meta['achieved_a_bits']:.3f} bits (plan.json, sensitivity.json/.csv/.png, ranges, calibrate.log)"
@@ -478,9 +494,14 @@ def cmd_fit_schedule(args) -> int:
     log = Path(args.log) if args.log else Path(f"{out}.qsched-log.jsonl")
     result = qdiff.fit_schedule(pipe, recipe, prompts=args.prompts, alignment=args.alignment, quality=args.quality,
                                 log=log, progress=not args.no_progress)  # fmt: skip
+    if not _main_rank():  # under torchrun every rank holds the same result; rank 0 reports and writes
+        return 0
     print(result.message)
     print(f"c_eps      {', '.join(f'{v:.4f}' for v in result.schedule.c_eps)}")
     print(f"c_x        {', '.join(f'{v:.4f}' for v in result.schedule.c_x)}")
+    from qdiff.sched.guard import format_report
+
+    print("\n".join(format_report(result.report)))  # every metric measured on the validation prompts
     print(f"log        {log}  ({result.new_generations} new of {result.generations} generations)")
     if not result.accepted and not args.out:
         print(f"export     {folder} unchanged")
@@ -500,6 +521,34 @@ COMMANDS = {"calibrate": cmd_calibrate, "quantize": cmd_quantize, "generate": cm
             "fit-schedule": cmd_fit_schedule, "bench": cmd_bench, "eval": cmd_eval}  # fmt: skip
 
 
+DISTRIBUTED = ("calibrate", "fit-schedule", "eval")  # shard their work under torchrun (docs/distributed.md)
+
+
+def _run(args) -> int:
+    """Run the command; under torchrun (``WORLD_SIZE`` > 1) inside a process group, on this rank's device."""
+    from qdiff.distributed.env import detect
+
+    env = detect()
+    if not env.distributed:
+        return COMMANDS[args.command](args)
+    if args.command not in DISTRIBUTED:
+        raise QdiffError(f"qdiff {args.command} does not run under torchrun (WORLD_SIZE={env.world_size}); "
+                         f"launch it as one process (distributed: {', '.join(DISTRIBUTED)})")  # fmt: skip
+    from qdiff.distributed.env import session
+
+    with session(getattr(args, "device", "cpu")) as (_group, device):
+        if hasattr(args, "device"):
+            args.device = device
+        return COMMANDS[args.command](args)
+
+
+def _main_rank() -> bool:
+    """True on rank 0 (or without torchrun): the rank that prints results and writes outputs."""
+    from qdiff.distributed.env import current
+
+    return current().is_main
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # qdiff never downloads; fail fast instead of retrying
     try:
@@ -508,12 +557,13 @@ def main(argv: list[str] | None = None) -> int:
             from qdiff.utils.lazy_imports import defer_bitsandbytes
 
             defer_bitsandbytes()  # diffusers would import bitsandbytes (and its notices) although no recipe needs it
-        return COMMANDS[args.command](args)
+        return _run(args)
     except BrokenPipeError:  # e.g. `qdiff inspect DIR | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except QdiffError as exc:
-        print(f"qdiff: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "quiet", False):  # under torchrun only the rank that failed prints the error
+            print(f"qdiff: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("qdiff: interrupted", file=sys.stderr)

@@ -16,7 +16,7 @@ from pathlib import Path
 # bottom -> top; units on one line are siblings that must not import each other
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors",),
-    ("config", "utils"),  # Recipe, Plan, LayerQuant, bit-widths, dtypes; CPU/machine facts, images
+    ("config", "utils", "distributed"),  # Recipe, Plan, LayerQuant, bit-widths, dtypes; machine facts; torchrun
     ("numerics", "sampling", "models"),  # quantize math + packed weights; the seeded sampler; family registry
     ("_kernels",),  # Triton device code (kernels/, installed as qdiff._kernels)
     ("backends",),  # frozen-op implementations and their registry

@@ -137,6 +137,7 @@ def capturing(
     cache_inputs: Collection[str] = (),
     cache_denoiser: bool = False,
     splits: Mapping[str, int] | None = None,
+    make_stats: Callable[[int, float], LayerStats] = LayerStats,
 ) -> Iterator[Capture]:
     """Record the input statistics of ``layers`` at every denoiser call; all hooks are removed on exit.
 
@@ -145,10 +146,11 @@ def capturing(
     ``splits``: layer -> input channel where the second part starts; those layers also get statistics of each
     part under :func:`qdiff.quant.split.part_keys` (the whole input stays under the layer's name).
     Call ``capture.new_call()`` before each pipeline call (``qdiff.sampling.draw.draw(on_batch=...)`` does).
+    ``make_stats(bins, momentum)`` builds each layer's statistics (a distributed capture records more).
     """
     splits = {n: s for n, s in (splits or {}).items() if n in layers}
-    cap = Capture({name: LayerStats(bins, momentum) for name in layers})
-    cap.stats.update({key: LayerStats(bins, momentum) for name in splits for key in part_keys(name)})
+    cap = Capture({name: make_stats(bins, momentum) for name in layers})
+    cap.stats.update({key: make_stats(bins, momentum) for name in splits for key in part_keys(name)})
     bos, cache = set(bos_layers), set(cache_inputs)
     handles = []
 
@@ -213,12 +215,15 @@ def capture_stats(
     prompts: Sequence[str] | None = None,
     bins: int = 1024,
     progress: bool = True,
+    seeds: Sequence[int] | None = None,
+    make_stats: Callable[[int, float], LayerStats] = LayerStats,
 ) -> CapturedStats:
     """Run the recipe's sampler over its calibration prompts and return per-layer, per-step statistics.
 
     ``names``: layers to observe (default: every quantizable layer of the denoiser). With
     ``recipe.bos_aware`` token 0 of the cross-attention K/V inputs is left out of their statistics. With
     ``activations.split_skip`` layers with an adapter split also get per-part statistics (meta ``split_layers``).
+    ``prompts``/``seeds``: a shard of the calibration prompts and their seeds (default: all, the recipe's seeds).
     """
     from qdiff.models.adapters import find_denoiser, get_adapter
     from qdiff.sampling.prompts import load_prompts
@@ -235,12 +240,13 @@ def capture_stats(
     cal = recipe.calibration
     prompts = list(prompts or load_prompts(cal.prompts, cal.num_prompts))
     momentum = recipe.activations.momentum
-    with capturing(den, layers, bins=bins, momentum=momentum, bos_layers=bos, splits=splits) as cap:
+    with capturing(den, layers, bins=bins, momentum=momentum, bos_layers=bos, splits=splits,
+                   make_stats=make_stats) as cap:  # fmt: skip
         desc = "capturing ranges" if progress else None
         draw(
             pipe,
             prompts,
-            None,
+            seeds,
             recipe.sampler,
             cal.batch_size,
             output_type="latent",

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from qdiff.calib.capture import capturing, collecting_outputs, first_output
 from qdiff.calib.metrics import sqnr_db, ssim
+from qdiff.calib.offload import pinned
 from qdiff.calib.stats import CapturedStats, LayerStats
 from qdiff.calib.table import SQNR_CAP, Journal, SensitivityTable
 from qdiff.config.layer import LayerQuant
@@ -204,7 +205,8 @@ class _Scorer:
     @torch.no_grad()
     def _local(self, name: str) -> Tensor:
         layer = self.den.get_submodule(name)
-        return torch.cat([layer(x.to(self.device)).float().cpu().reshape(-1) for x in self.inputs[name]])
+        with pinned(self.den, [name]):  # an offloaded block is materialised for a layer run alone
+            return torch.cat([layer(x.to(self.device)).float().cpu().reshape(-1) for x in self.inputs[name]])
 
     @torch.no_grad()
     def _denoiser(self) -> Tensor:
@@ -251,10 +253,7 @@ class _Scorer:
         return out
 
     def metric(self, info: LayerInfo) -> str:
-        if self.mode == "fast":
-            return f"{self.recipe.sensitivity.proxy}_sqnr"
-        s = self.recipe.sensitivity
-        return s.content_metric if info.group == CONTENT else s.quality_metric
+        return metric_name(self.recipe, info)
 
     @torch.no_grad()
     def score(self, info: LayerInfo, local: bool = False) -> float:
@@ -272,15 +271,25 @@ class _Scorer:
         return _capped(sqnr_db(self.fp_outputs, torch.cat([o.reshape(-1) for o in outs])))
 
 
+def metric_name(recipe: Recipe, info: LayerInfo) -> str:
+    """The score column of a layer: ``<proxy>_sqnr`` in fast mode, else the group's content / quality metric."""
+    s = recipe.sensitivity
+    if s.mode == "fast":
+        return f"{s.proxy}_sqnr"
+    return s.content_metric if info.group == CONTENT else s.quality_metric
+
+
 def fingerprint(den: nn.Module, infos: Sequence[LayerInfo], recipe: Recipe, bos: set[str]) -> dict[str, Any]:
     """What must not change between an interrupted run and its resumption."""
     h = hashlib.sha256()
     for info in infos:
-        w = den.get_submodule(info.name).weight.detach()
-        h.update(
-            f"{info.name}:{tuple(w.shape)}:{float(w.double().sum()):.17g}:{float(w.double().abs().sum()):.17g};".encode()
-        )
+        with pinned(den, [info.name]):
+            w = den.get_submodule(info.name).weight.detach()
+            h.update(
+                f"{info.name}:{tuple(w.shape)}:{float(w.double().sum()):.17g}:{float(w.double().abs().sum()):.17g};".encode()
+            )
     r = recipe.to_dict()
+    r["calibration"].pop("offload", None)  # how the run holds the weights, not what it computes
     keep = ("weights", "activations", "sampler", "calibration", "sensitivity", "skip", "quantize_protected")
     return {"table": 1, "model": h.hexdigest(), "recipe": {k: r[k] for k in keep}, "bos": sorted(bos)}
 
@@ -322,7 +331,8 @@ def analyze(
     rows = {}
     for info in tqdm(todo, desc=f"sensitivity ({recipe.sensitivity.mode})", disable=not progress, leave=False):
         layer, st = den.get_submodule(info.name), stats.layers.get(info.name)
-        scores = scorer.score_layer(info, layer, st, info.name in bos)
+        with pinned(den, [info.name]):  # its block stays materialised while the layer is fake-quantized
+            scores = scorer.score_layer(info, layer, st, info.name in bos)
         row = {
             "name": info.name, "group": info.group, "kind": info.kind, "params": info.weight_numel,
             "act_numel": int(st.numel_per_sample) if st is not None else 0, "metric": scorer.metric(info), **scores,

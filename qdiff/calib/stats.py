@@ -62,10 +62,10 @@ class LayerStats:
             self.hist = torch.cat([self.hist, pad])
 
     def _widen(self, amax: float) -> None:
-        if self.radius == 0.0:
-            self.radius = 2.0 ** math.ceil(math.log2(amax)) if amax > 0 else 0.0
+        if self.radius == 0.0:  # R > amax strictly: no value sits on the upper edge, where it would be clamped
+            self.radius = 2.0 ** (math.floor(math.log2(amax)) + 1) if amax > 0 else 0.0
             return
-        while amax > self.radius:  # merge bin pairs into the middle half of a range twice as wide
+        while amax >= self.radius:  # merge bin pairs into the middle half of a range twice as wide
             merged = self.hist.reshape(self.hist.shape[0], self.bins // 2, 2).sum(-1)
             quarter = self.bins // 4
             self.hist = torch.zeros_like(self.hist)
@@ -91,7 +91,10 @@ class LayerStats:
             self.ema = (m * self.ema[0] + (1 - m) * mn, m * self.ema[1] + (1 - m) * mx)
         self._widen(max(abs(mn), abs(mx)))
         if self.radius > 0.0:
-            idx = ((xf + self.radius) * (self.bins / (2.0 * self.radius))).floor().clamp_(0, self.bins - 1).long()
+            # float64 makes x + R exact, so a value's bin does not depend on the radius it was binned at (with
+            # power-of-two bins): shards captured apart and merged give the one-pass histogram (qdiff.calib.sharded)
+            pos = (xf.double() + self.radius) * (self.bins / (2.0 * self.radius))
+            idx = pos.floor().clamp_(0, self.bins - 1).long()
             self.hist[step] += torch.bincount(idx.cpu(), minlength=self.bins)
         else:  # all zeros so far: they belong to the two middle bins' boundary; count them in the upper one
             self.hist[step, self.bins // 2] += xf.numel()

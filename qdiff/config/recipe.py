@@ -68,6 +68,7 @@ class Recipe:
         out = dataclasses.asdict(self)
         out["skip"] = list(self.skip)
         out["sensitivity"] = {k: list(v) if isinstance(v, tuple) else v for k, v in out["sensitivity"].items()}
+        out["qsched"] = {k: list(v) if isinstance(v, tuple) else v for k, v in out["qsched"].items()}
         return out
 
     @classmethod

@@ -21,6 +21,7 @@ OBSERVERS = ("minmax", "ema", "percentile", "mse")
 KERNELS = ("auto", "triton", "cpu_int8", "torch")  # the backend registry's names (a test keeps them equal)
 SCHEDULER_NAMES = ("euler_a", "euler", "lcm", "tcd", "flow_euler", "ddim")  # see qdiff.models.schedulers
 TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")
+OFFLOAD_MODES = ("none", "model", "sequential")  # calibration.offload, see qdiff.calib.offload
 
 
 def fail(path: str, msg: str) -> QdiffError:
@@ -130,6 +131,7 @@ class CalibrationConfig:
     prompts: str = "coco"  # a bundled prompt set name or a path to a .txt file (one prompt per line)
     num_prompts: int = 8
     batch_size: int = 4
+    offload: str = "none"  # none | model | sequential: bounded-memory calibration (qdiff.calib.offload)
 
     def __post_init__(self) -> None:
         self.validate("calibration")
@@ -137,6 +139,7 @@ class CalibrationConfig:
     def validate(self, path: str) -> None:
         if not isinstance(self.prompts, str) or not self.prompts:
             raise fail(f"{path}.prompts", "must be a prompt-set name or a file path")
+        choice(f"{path}.offload", self.offload, OFFLOAD_MODES)
         positive(f"{path}.num_prompts", self.num_prompts)
         positive(f"{path}.batch_size", self.batch_size)
 
@@ -238,6 +241,13 @@ class QSchedConfig:
     heldout_prompts: int = 4  # validation prompts (the next ones of the set, other seeds)
     seed: int = 0  # image seeds (held-out: seed + 10000) and the optimiser's seed
     min_gain: float = 0.0  # held-out JAQ gain required to keep the fitted coefficients
+    # Reference-free guards against scorer hacking (qdiff.sched.guard; docs/qsched.md "Guards"):
+    alignment_weight: float = 1.0  # weight of the log-alignment term in JAQ (0 = quality only: an ablation)
+    features: str = "none"  # anchor/guard image features: none | pixels | shapes-clip | shapes-classifier | ...
+    anchor_weight: float = 0.0  # JAQ - w * FD(features, un-scheduled images' features) / tr(cov) on the fit prompts
+    trust_radius: tuple[float, ...] = ()  # |c - 1| <= r; several radii: the best on validation is kept
+    guard: bool = False  # keep the plain scheduler when validation images drift from the un-scheduled distribution
+    guard_tolerance: float = 0.0  # allowed drift ratio above 1 (FD to a second un-scheduled draw, vs identity's)
 
     def __post_init__(self) -> None:
         self.validate("qsched")
@@ -260,6 +270,22 @@ class QSchedConfig:
         positive(f"{path}.min_gain", self.min_gain, allow_zero=True)
         if self.optimiser == "grid" and self.parameterisation != "ramp":
             raise fail(f"{path}.optimiser", "grid searches the 2-value ramp only; use cmaes or coordinate")
+        positive(f"{path}.alignment_weight", self.alignment_weight, allow_zero=True)
+        if not isinstance(self.features, str) or not self.features:
+            raise fail(f"{path}.features", "must be 'none' or a feature spec such as 'pixels' or 'shapes-clip'")
+        positive(f"{path}.anchor_weight", self.anchor_weight, allow_zero=True)
+        if self.features == "none" and (self.anchor_weight > 0 or self.guard):
+            raise fail(f"{path}.features", "anchor_weight > 0 and guard need image features (e.g. 'shapes-clip')")
+        radii = self.trust_radius
+        if not isinstance(radii, tuple):
+            raise fail(f"{path}.trust_radius", f"must be a list of radii, got {radii!r}")
+        for i, r in enumerate(radii):
+            positive(f"{path}.trust_radius[{i}]", r)
+        if list(radii) != sorted(set(radii)):
+            raise fail(f"{path}.trust_radius", f"radii must be increasing and distinct, got {list(radii)}")
+        if not isinstance(self.guard, bool):
+            raise fail(f"{path}.guard", f"must be true or false, got {self.guard!r}")
+        positive(f"{path}.guard_tolerance", self.guard_tolerance, allow_zero=True)
 
 
 TEXT_CLIP_MODES = ("none", "w8a8")

@@ -20,6 +20,8 @@ from torch import Tensor
 
 from qdiff.calib.metrics import psnr, ssim
 from qdiff.config.recipe import SamplerConfig
+from qdiff.distributed.env import Group, current
+from qdiff.distributed.shard import batch_shard
 from qdiff.errors import QdiffError
 from qdiff.sampling.draw import draw
 from qdiff.utils.machine import cpu_name
@@ -129,20 +131,41 @@ class Evaluator:
         """Draw and score the images of ``pipe`` under ``name``; returns its metrics."""
         if name in self.metrics:
             raise QdiffError(f"eval: variant name {name!r} used twice")
-        draw(pipe, self.prompts[:1], self.seeds[:1], self.sampler, 1)  # warm-up, not timed
+        group = current()
+        with group.phase(f"eval {name}: warm-up"):
+            draw(pipe, self.prompts[:1], self.seeds[:1], self.sampler, 1)  # not timed
         t0 = time.perf_counter()
-        desc = f"eval {name}: {len(self.prompts)} images" if self.progress else None
-        images = draw(pipe, self.prompts, self.seeds, self.sampler, self.batch_size, desc=desc)
-        seconds = (time.perf_counter() - t0) / len(self.prompts)
-        den_bytes, total_bytes = _pipe_bytes(pipe)
-        m = {"denoiser_mib": den_bytes / 2**20, "pipeline_mib": total_bytes / 2**20, "s_per_image": seconds}
-        m.update(self._score(images))
-        if self.images:
-            ref = next(iter(self.images.values()))
-            m["ssim"] = float(ssim(images, ref).mean())
-            m["psnr"] = psnr(images, ref)
-        self.metrics[name], self.images[name] = m, images
+        images = self._draw(pipe, name, group)
+        seconds = (time.perf_counter() - t0) / len(self.prompts)  # wall time per image (all ranks together)
+        m: dict[str, float] = {}
+        with group.phase(f"eval {name}: scoring"):
+            if images is not None:  # rank 0 scores everything
+                den_bytes, total_bytes = _pipe_bytes(pipe)
+                m = {"denoiser_mib": den_bytes / 2**20, "pipeline_mib": total_bytes / 2**20, "s_per_image": seconds}
+                m.update(self._score(images))
+                if self.images:
+                    ref = next(iter(self.images.values()))
+                    m["ssim"] = float(ssim(images, ref).mean())
+                    m["psnr"] = psnr(images, ref)
+                self.images[name] = images
+        self.metrics[name] = m
         return m
+
+    def _draw(self, pipe, name: str, group: Group) -> Tensor | None:
+        """Every prompt's image, in prompt order, on rank 0 (``None`` on the other ranks).
+
+        Under torchrun each rank draws a batch-aligned shard of the prompts (the same batches as one process, each
+        prompt with its own seed), and rank 0 gathers the images.
+        """
+        mine = batch_shard(len(self.prompts), self.batch_size, group.rank, group.world_size)
+        part = None
+        with group.phase(f"eval {name}: drawing"):
+            if len(mine):
+                desc = f"eval {name}: {len(self.prompts)} images" if self.progress and group.is_main else None
+                part = draw(pipe, self.prompts[mine.start : mine.stop], self.seeds[mine.start : mine.stop],
+                            self.sampler, self.batch_size, desc=desc)  # fmt: skip
+        parts = group.gather(part)
+        return None if parts is None else torch.cat([p for p in parts if p is not None])
 
     def skip(self, name: str, reason: str) -> None:
         """A variant that could not run here: an empty row (shown as "-") and ``reason`` in the notes."""
@@ -152,7 +175,11 @@ class Evaluator:
         self.notes.append(reason)
 
     def result(self, with_real: bool = True) -> EvalResult:
-        """All variants so far; for Shapes prompts a ``real renders`` row (classifier ceiling, FID noise floor)."""
+        """All variants so far; for Shapes prompts a ``real renders`` row (classifier ceiling, FID noise floor).
+
+        Under torchrun only rank 0 holds images and metrics; the other ranks get an empty result."""
+        if not current().is_main:
+            return EvalResult({}, {}, self.prompts, self.seeds)
         metrics, images = dict(self.metrics), dict(self.images)
         if with_real and self.judge is not None:
             real = torch.from_numpy(self.judge.real).permute(0, 3, 1, 2).float() / 255.0

@@ -7,6 +7,11 @@ parameters with :func:`qdiff.numerics.primitives.compute_qparams`. Ranges are pe
 
 ``state_dict`` / ``load_state_dict`` hold only the running state (CPU float32 tensors and ints), so calibration can
 be checkpointed and resumed; configuration (momentum, axis, percentile, ...) comes from the constructor.
+
+``a.merge(b)`` folds in an observer of the same configuration that saw the updates coming *after* ``a``'s (e.g. the
+next prompt shard of a distributed run): min / max exactly; the EMA by its order-defined merge
+``e = e_b + m**n_b * (e_a - first_b)`` (``first_b``: ``b``'s first batch range), which is the EMA of ``a``'s updates
+followed by ``b``'s; percentile means weighted by update counts; the MSE sample by update-count shares.
 """
 
 from __future__ import annotations
@@ -165,6 +170,21 @@ class Observer:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(num_updates={self._num_updates})"
 
+    def merge(self, later: Observer) -> None:
+        """Fold in ``later``, an observer of the same kind and settings that saw the updates after this one's."""
+        if type(later) is not type(self):
+            raise TypeError(f"cannot merge {type(later).__name__} into {type(self).__name__}")
+        if later._min is None:
+            return
+        if self._min is None:
+            self.load_state_dict(later.state_dict())
+            return
+        self._merge_state(later)
+        self._num_updates += later._num_updates
+
+    def _merge_state(self, later: Observer) -> None:
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged")
+
 
 class _AxisObserver(Observer):
     """Observer whose batch statistics are per-tensor (``axis=None``) or per-channel along ``axis``."""
@@ -174,6 +194,7 @@ class _AxisObserver(Observer):
         if axis is not None and (isinstance(axis, bool) or not isinstance(axis, int)):
             raise TypeError(f"axis must be an int or None, got {axis!r}")
         self.axis = axis
+        self._first: tuple[Tensor, Tensor] | None = None  # range of the first batch (for merges)
 
     def _batch_minmax(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Batch ``(min, max)`` float32: 0-d per-tensor or ``(C,)`` along ``axis``."""
@@ -197,9 +218,21 @@ class _AxisObserver(Observer):
         check_range(x, mn, mx)  # NaN / Inf would become a NaN scale
         if self._min is None or self._max is None:
             self._min, self._max = mn, mx
+            self._first = (mn, mx)  # the EMA's order-defined merge needs the first batch range
         else:
             self._min, self._max = self._merge(self._min.to(mn.device), self._max.to(mx.device), mn, mx)
         self._num_updates += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if getattr(self, "_first", None) is not None:
+            state["first_min"], state["first_max"] = (_to_state(t) for t in self._first)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        has = "first_min" in state
+        self._first = (_from_state(state["first_min"]), _from_state(state["first_max"])) if has else None
 
     def _merge(self, old_min: Tensor, old_max: Tensor, mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
         """The running range after a batch with range ``(mn, mx)`` (the first batch sets it directly)."""
@@ -213,6 +246,9 @@ class MinMaxObserver(_AxisObserver):
 
     def _merge(self, old_min: Tensor, old_max: Tensor, mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
         return torch.minimum(old_min, mn), torch.maximum(old_max, mx)
+
+    def _merge_state(self, later: Observer) -> None:
+        self._min, self._max = self._merge(self._min, self._max, *later.range())
 
 
 class EMAMinMaxObserver(_AxisObserver):
@@ -232,6 +268,16 @@ class EMAMinMaxObserver(_AxisObserver):
     def _merge(self, old_min: Tensor, old_max: Tensor, mn: Tensor, mx: Tensor) -> tuple[Tensor, Tensor]:
         m = self.momentum
         return m * old_min + (1.0 - m) * mn, m * old_max + (1.0 - m) * mx
+
+    def _merge_state(self, later: Observer) -> None:
+        # sequential EMA over a's updates then b's: e_b + m**n_b * (e_a - first_b), computed in float64
+        if later.momentum != self.momentum:  # type: ignore[attr-defined]
+            raise ValueError(f"momentum differs: {self.momentum} vs {later.momentum}")  # type: ignore[attr-defined]
+        if getattr(later, "_first", None) is None:
+            raise ValueError("the later EMA observer has no first-batch range (state saved before merges existed)")
+        decay = self.momentum**later._num_updates
+        ends = zip((self._min, self._max), later.range(), later._first)  # type: ignore[attr-defined]
+        self._min, self._max = ((b.double() + decay * (a.double() - f.double())).float() for a, b, f in ends)
 
     def __repr__(self) -> str:
         return f"EMAMinMaxObserver(momentum={self.momentum}, axis={self.axis}, num_updates={self._num_updates})"
@@ -266,6 +312,12 @@ class PercentileObserver(Observer):
             self._min = self._min.to(lo.device) + (lo - self._min.to(lo.device)) / n
             self._max = self._max.to(hi.device) + (hi - self._max.to(hi.device)) / n
         self._num_updates = n
+
+    def _merge_state(self, later: Observer) -> None:
+        w = later._num_updates / (self._num_updates + later._num_updates)  # mean over all updates
+        lo, hi = later.range()
+        self._min = (self._min.double() + (lo.double() - self._min.double()) * w).float()
+        self._max = (self._max.double() + (hi.double() - self._max.double()) * w).float()
 
     def __repr__(self) -> str:
         return f"PercentileObserver(percentile={self.percentile}, num_updates={self._num_updates})"
@@ -314,6 +366,14 @@ class MSEObserver(Observer):
             old = _even_subsample(self._sample.to(new.device), keep)
             self._sample = torch.cat([old, new])
         self._num_updates = n
+
+    def _merge_state(self, later: Observer) -> None:
+        n_a, n_b = self._num_updates, later._num_updates
+        self._min, self._max = torch.minimum(self._min, later._min), torch.maximum(self._max, later._max)
+        keep = min(self._sample.numel(), round(self.sample_size * n_a / (n_a + n_b)))  # update-count shares
+        old = _even_subsample(self._sample, keep)
+        new = _even_subsample(later.sample, self.sample_size - old.numel())  # type: ignore[attr-defined]
+        self._sample = torch.cat([old, new])
 
     @property
     def sample(self) -> Tensor:

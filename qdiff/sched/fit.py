@@ -17,7 +17,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from qdiff.config.recipe import QSchedConfig
+from qdiff.distributed.env import current
+from qdiff.distributed.shard import all_gather_in_order, assign
 from qdiff.errors import QdiffError
 from qdiff.sched import params, search
 from qdiff.sched.jaq import jaq
@@ -32,7 +34,8 @@ from qdiff.sched.qsched import Schedule
 
 ROUND = 5  # decimals of the coefficients that key the cache (images are drawn with the rounded values)
 LOG_VERSION = 1
-Evaluate = Callable[[Schedule, str], tuple[Tensor, Tensor]]  # (schedule, "fit" | "heldout") -> scores
+Evaluate = Callable[[Schedule, str], tuple[Tensor, ...]]  # (schedule, split) -> (alignment, quality[, features])
+Penalty = Callable[[str], float]  # cache key of a fitting-split evaluation -> value subtracted from its JAQ
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class FitResult:
     generations: int  # images behind this result (fitting + held-out), log-replayed ones included
     new_generations: int  # images actually drawn in this call (0 when everything came from the log)
     curve: tuple[tuple[int, float], ...]  # (generations so far, best fitting JAQ so far)
+    report: dict[str, Any] = field(default_factory=dict)  # guards and validation metrics (qdiff.sched.guard)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -82,12 +86,17 @@ class EvalCache:
         self.path = Path(path) if path is not None else None
         self.fingerprint = json.loads(json.dumps(dict(fingerprint)))  # normalised (tuples -> lists)
         self.entries: dict[str, tuple[list[float], list[float]]] = {}
-        if self.path is None:
-            return
-        if self.path.is_file() and self.path.stat().st_size > 0:
-            self._replay()
-        else:
-            self._append({"type": "header", "version": LOG_VERSION, "fingerprint": self.fingerprint})
+        self.feature_rows: dict[str, list[list[float]]] = {}  # key -> (P, D) image features, when recorded
+        group = current()  # under torchrun rank 0 alone reads and appends the log; the others get its entries
+        if group.distributed and not group.is_main:
+            self.path = None
+        with group.phase("Q-Sched evaluation log"):
+            if self.path is not None and self.path.is_file() and self.path.stat().st_size > 0:
+                self._replay()
+            elif self.path is not None:
+                self._append({"type": "header", "version": LOG_VERSION, "fingerprint": self.fingerprint})
+        if group.distributed:
+            self.entries, self.feature_rows = group.broadcast((self.entries, self.feature_rows))
 
     def _replay(self) -> None:
         text = self.path.read_text()
@@ -114,6 +123,8 @@ class EvalCache:
             except json.JSONDecodeError:
                 raise QdiffError(f"{self.path}: line {i} is not valid JSON") from None
             self.entries[rec["key"]] = (rec["alignment"], rec["quality"])
+            if rec.get("features") is not None:
+                self.feature_rows[rec["key"]] = rec["features"]
 
     def _append(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:
@@ -124,11 +135,37 @@ class EvalCache:
     def get(self, key: str) -> tuple[list[float], list[float]] | None:
         return self.entries.get(key)
 
-    def put(self, key: str, sched: Schedule, alignment: list[float], quality: list[float]) -> None:
+    def prefetch(self, items: list[tuple[str, Schedule, str]], evaluate: Evaluate) -> None:
+        """Under torchrun: evaluate the uncached ``(key, schedule, split)`` items spread over the ranks and record
+        all of them on every rank (rank 0 logs them), so the search's next calls are cache hits. One process: no-op.
+        """
+        group = current()
+        todo = list({k: (k, s, sp) for k, s, sp in items if k not in self.entries}.values())
+        if not group.distributed or len(todo) < 2:
+            return
+        mine: dict[str, tuple] = {}
+        with group.phase("Q-Sched candidates"):
+            for j in assign([1.0] * len(todo), group.world_size)[group.rank]:
+                key, sched, split = todo[j]
+                a, q, *f = evaluate(sched, split)
+                rows = f[0].double().tolist() if f and f[0] is not None else None
+                mine[key] = ([float(v) for v in a], [float(v) for v in q], rows)
+        for (key, sched, _), (a, q, rows) in zip(todo, all_gather_in_order(group, mine, [t[0] for t in todo])):
+            self.put(key, sched, a, q, rows)
+
+    def features(self, key: str) -> list[list[float]] | None:
+        """(P, D) image features recorded with ``key``'s scores, or None."""
+        return self.feature_rows.get(key)
+
+    def put(self, key: str, sched: Schedule, alignment: list[float], quality: list[float],
+            features: list[list[float]] | None = None) -> None:  # fmt: skip
         self.entries[key] = (alignment, quality)
+        if features is not None:
+            self.feature_rows[key] = features
         if self.path is not None:
-            self._append({"type": "eval", "key": key, "c_eps": list(sched.c_eps), "c_x": list(sched.c_x),
-                          "alignment": alignment, "quality": quality})  # fmt: skip
+            rec = {"type": "eval", "key": key, "c_eps": list(sched.c_eps), "c_x": list(sched.c_x),
+                   "alignment": alignment, "quality": quality}  # fmt: skip
+            self._append(rec if features is None else {**rec, "features": features})
 
 
 def default_budget(cfg: QSchedConfig, num_prompts: int) -> int:
@@ -147,8 +184,13 @@ def fit(
     num_heldout: int,
     cache: EvalCache | None = None,
     progress: bool = True,
+    penalty: Penalty | None = None,
 ) -> FitResult:
-    """Search ``cfg.parameterisation`` with ``cfg.optimiser``; validate on the held-out split."""
+    """Search ``cfg.parameterisation`` with ``cfg.optimiser``; validate on the held-out split.
+
+    ``penalty(key)``, when given, is subtracted from the JAQ of every fitting-split evaluation (the search
+    maximises ``JAQ - penalty``; the reported fitting JAQ includes it, the held-out JAQ does not).
+    """
     cache = cache or EvalCache(None, {})
     name, lo, hi = cfg.parameterisation, cfg.range_min, cfg.range_max
     budget = default_budget(cfg, num_fit)
@@ -165,16 +207,17 @@ def fit(
         key = coefficient_key(split, sched)
         hit = cache.get(key)
         if hit is None:
-            a, q = evaluate(sched, split)
+            a, q, *feats = evaluate(sched, split)
             hit = ([float(v) for v in a], [float(v) for v in q])
-            cache.put(key, sched, *hit)
+            cache.put(key, sched, *hit, feats[0].double().tolist() if feats and feats[0] is not None else None)
             state["new"] += n
         if key not in seen:
             seen.add(key)
             state["gens"] += n
             bar.update(n if split == "fit" else 0)
         a, q = hit
-        return float(jaq(_t(a), _t(q), cfg.k, cfg.log_alignment))
+        value = float(jaq(_t(a), _t(q), cfg.k, cfg.log_alignment, cfg.alignment_weight))
+        return value - penalty(key) if penalty is not None and split == "fit" else value
 
     def objective(theta) -> float:
         value = scores(rounded_schedule(name, theta, steps), "fit", num_fit)
@@ -184,6 +227,9 @@ def fit(
         curve.append((state["gens"], state["best"]))
         return value
 
+    objective.prefetch = lambda thetas, split="fit": _prefetch(  # type: ignore[attr-defined]
+        cache, evaluate, [rounded_schedule(name, t, steps) for t in thetas], split
+    )
     identity = params.identity_theta(name, steps)
     dim = len(identity)
     try:
@@ -199,6 +245,7 @@ def fit(
         bar.close()
     theta, train_best = state["theta"], state["best"]
     best_sched = rounded_schedule(name, theta, steps)
+    objective.prefetch([identity, theta], "heldout")  # type: ignore[attr-defined]
     held_id = scores(rounded_schedule(name, identity, steps), "heldout", num_heldout)
     held_best = scores(best_sched, "heldout", num_heldout)
     gain = held_best - held_id
@@ -231,3 +278,11 @@ def _t(values: list[float]) -> Tensor:
     import torch
 
     return torch.tensor(values, dtype=torch.float64)
+
+
+def _prefetch(cache, evaluate: Evaluate, scheds: list[Schedule], split: str) -> None:
+    """Hand a search step's candidates to the :class:`EvalCache` (also through a key-recording proxy such as
+    ``qdiff.sched.guard``'s, whose ``cache`` attribute is the real one) to be evaluated across torchrun ranks."""
+    base = cache if isinstance(cache, EvalCache) else getattr(cache, "cache", None)
+    if isinstance(base, EvalCache):
+        base.prefetch([(coefficient_key(split, s), s, split) for s in scheds], evaluate)

@@ -4,7 +4,8 @@ For calibration prompts p_1..p_P and the images x_1..x_P the quantized sampler d
 
     JAQ = mean_p A(x_p, p_p) + k * mean_p Q(x_p),      A = log(alignment score), k = 2 by default
 
-(Q-Sched, arXiv 2509.01624: log CLIPScore + k * CLIP-IQA). Higher is better; the search minimises
+(Q-Sched, arXiv 2509.01624: log CLIPScore + k * CLIP-IQA; an optional weight on the alignment term turns it
+off for ablations). Higher is better; the search minimises
 ``-JAQ``. No full-precision image enters the formula: only the quantized model's own images are scored.
 """
 
@@ -29,11 +30,15 @@ def quality_term(scores: Tensor) -> Tensor:
     return _check(scores, "quality").double().mean()
 
 
-def jaq(alignment: Tensor, quality: Tensor, k: float = 2.0, log_alignment: bool = True) -> Tensor:
-    """Scalar float64 JAQ of (P,) alignment and (P,) quality scores for the same P images."""
+def jaq(alignment: Tensor, quality: Tensor, k: float = 2.0, log_alignment: bool = True,
+        alignment_weight: float = 1.0) -> Tensor:  # fmt: skip
+    """Scalar float64 JAQ of (P,) alignment and (P,) quality scores for the same P images.
+
+    ``alignment_weight`` scales the alignment term (0: quality only, for ablations; 1: Q-Sched's JAQ).
+    """
     if alignment.shape != quality.shape:
         raise QdiffError(f"JAQ: alignment {tuple(alignment.shape)} and quality {tuple(quality.shape)} differ")
-    return alignment_term(alignment, log_alignment) + float(k) * quality_term(quality)
+    return float(alignment_weight) * alignment_term(alignment, log_alignment) + float(k) * quality_term(quality)
 
 
 def jaq_per_prompt(alignment: Tensor, quality: Tensor, k: float = 2.0, log_alignment: bool = True) -> Tensor:

@@ -18,11 +18,14 @@ from qdiff.config.recipe import Recipe, SamplerConfig
 from qdiff.errors import QdiffError
 from qdiff.sampling.draw import draw, sampler_kwargs
 from qdiff.sampling.prompts import load_prompts
-from qdiff.sched.fit import EvalCache, FitResult, fit
+from qdiff.sched.features import FeatureExtractor, make_features
+from qdiff.sched.fit import EvalCache, FitResult
+from qdiff.sched.guard import REFERENCE_SPLIT, fit_guarded
 from qdiff.sched.qsched import Schedule, apply_schedule, get_schedule
 from qdiff.sched.scorers import Scorer, make_scorer
 
 HELDOUT_SEED_OFFSET = 10_000
+REFERENCE_SEED_OFFSET = 20_000  # the validation guard's second un-scheduled draw of the held-out prompts
 
 
 def render(pipe, schedule: Schedule | None, prompts: Sequence[str], seeds: Sequence[int], sampler: SamplerConfig,
@@ -64,34 +67,49 @@ def fit_pipeline(
     *,
     alignment: str | Scorer | None = None,
     quality: str | Scorer | None = None,
+    features: str | FeatureExtractor | None = None,
     log: str | Path | None = None,
     progress: bool = True,
 ) -> FitResult:
-    """Fit ``recipe.qsched`` on ``pipe`` and install the result (identity = no wrapper) on ``pipe.scheduler``."""
+    """Fit ``recipe.qsched`` on ``pipe`` and install the result (identity = no wrapper) on ``pipe.scheduler``.
+
+    With ``qsched.features`` set (or ``features``), image features are recorded with every evaluation for the
+    distribution anchor and the validation guard (``qdiff.sched.guard``); ``FitResult.report`` holds the
+    validation-split metrics of identity and of every searched schedule.
+    """
     cfg, sampler = recipe.qsched, recipe.sampler
     fit_prompts, held_prompts = split_prompts(recipe, prompts)
     align = make_scorer(alignment if alignment is not None else cfg.alignment)
     qual = make_scorer(quality if quality is not None else cfg.quality)
+    feat_spec = features if features is not None else cfg.features
+    feat = None if isinstance(feat_spec, str) and feat_spec == "none" else make_features(feat_spec)
+    if feat is not None and cfg.features == "none":
+        cfg = dataclasses.replace(cfg, features=feat.name)
     seeds = {
         "fit": [cfg.seed + i for i in range(len(fit_prompts))],
         "heldout": [cfg.seed + HELDOUT_SEED_OFFSET + i for i in range(len(held_prompts))],
+        REFERENCE_SPLIT: [cfg.seed + REFERENCE_SEED_OFFSET + i for i in range(len(held_prompts))],
     }
-    texts = {"fit": fit_prompts, "heldout": held_prompts}
+    texts = {"fit": fit_prompts, "heldout": held_prompts, REFERENCE_SPLIT: held_prompts}
     previous = get_schedule(pipe)
 
-    def evaluate(schedule: Schedule, split: str) -> tuple[Tensor, Tensor]:
+    def evaluate(schedule: Schedule, split: str) -> tuple[Tensor, ...]:
         images = render(pipe, schedule, texts[split], seeds[split], sampler, recipe.calibration.batch_size)
-        return align.score(images, texts[split]), qual.score(images, texts[split])
+        scores = align.score(images, texts[split]), qual.score(images, texts[split])
+        return scores if feat is None else (*scores, feat.features(images))
 
     fingerprint = {
         "denoiser": denoiser_fingerprint(pipe) if log is not None else None,
         "scheduler": type(getattr(pipe.scheduler, "inner", pipe.scheduler)).__name__,
-        "sampler": sampler_kwargs(sampler), "prompts": texts, "seeds": seeds,
+        "sampler": sampler_kwargs(sampler), "prompts": {k: texts[k] for k in ("fit", "heldout")},
+        "seeds": {k: seeds[k] for k in ("fit", "heldout")},  # the reference split derives from the same seed
         "alignment": align.name, "quality": qual.name,
     }  # fmt: skip
+    if feat is not None:  # logs written without features stay valid for fits that use none
+        fingerprint["features"] = feat.name
     try:
-        result = fit(evaluate, cfg, sampler.steps, len(fit_prompts), len(held_prompts), EvalCache(log, fingerprint),
-                     progress)  # fmt: skip
+        result = fit_guarded(evaluate, cfg, sampler.steps, len(fit_prompts), len(held_prompts),
+                             EvalCache(log, fingerprint), progress)  # fmt: skip
     except BaseException:
         apply_schedule(pipe, previous)
         raise

@@ -10,6 +10,11 @@
 
 All are deterministic for a given seed, so a run replayed through a cache asks for the same points in
 the same order (this is what makes :mod:`qdiff.sched.fit` resumable). ``f`` is maximised.
+
+An objective may carry ``f.prefetch(points)``: each search hands it the points of one step before asking for
+them one by one (the grid, a CMA-ES population, the compass candidates around the incumbent), so that a
+distributed run (:meth:`qdiff.sched.fit.EvalCache.prefetch`) evaluates them in parallel; the search itself, and
+so its result, is unchanged (the compass prefetch is speculative: points after an improvement may go unused).
 """
 
 from __future__ import annotations
@@ -28,8 +33,15 @@ def grid_points(lo: float, hi: float, n: int, dim: int) -> list[tuple[float, ...
     return [tuple(p) for p in itertools.product(axis, repeat=dim)]
 
 
+def _prefetch(f: Objective, points: Sequence[Sequence[float]]) -> None:
+    hook = getattr(f, "prefetch", None)
+    if hook is not None and points:
+        hook([tuple(float(v) for v in p) for p in points])
+
+
 def grid_search(f: Objective, lo: float, hi: float, n: int, dim: int) -> tuple[tuple[float, ...], float]:
     best, best_val = None, -np.inf
+    _prefetch(f, grid_points(lo, hi, n, dim))
     for p in grid_points(lo, hi, n, dim):
         v = f(p)
         if v > best_val:
@@ -70,6 +82,7 @@ def cmaes(
         z = rng.standard_normal((lam, n))
         x = np.clip(m + sigma * (z * diag) @ basis.T, lo, hi)  # (lam, n)
         k = min(lam, budget - used)
+        _prefetch(f, [tuple(x[i]) for i in range(k)])
         vals = np.array([f(tuple(x[i])) for i in range(k)])
         used += k
         i_best = int(np.argmax(vals))
@@ -108,8 +121,11 @@ def coordinate_search(
     x = tuple(float(v) for v in np.clip(np.asarray(x0, dtype=np.float64), lo, hi))
     fx, used, step = f(x), 1, float(step0)
     while used < budget and step >= min_step:
-        improved = False
+        improved, ahead = False, None
         for i in range(len(x)):
+            if ahead != x:  # the candidates around the incumbent on the axes still to try
+                ahead = x
+                _prefetch(f, _compass(x, step, range(i, len(x)), lo, hi)[: budget - used])
             for sign in (1.0, -1.0):
                 cand = list(x)
                 cand[i] = float(np.clip(x[i] + sign * step, lo, hi))
@@ -123,3 +139,15 @@ def coordinate_search(
         if not improved:
             step /= 2
     return x, fx
+
+
+def _compass(x: tuple[float, ...], step: float, axes, lo: float, hi: float) -> list[tuple[float, ...]]:
+    """``x +- step`` along each of ``axes`` (clipped to the box; points equal to ``x`` left out), in search order."""
+    out = []
+    for i in axes:
+        for sign in (1.0, -1.0):
+            cand = list(x)
+            cand[i] = float(np.clip(x[i] + sign * step, lo, hi))
+            if cand[i] != x[i]:
+                out.append(tuple(cand))
+    return out
