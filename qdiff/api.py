@@ -173,12 +173,16 @@ def save(pipe, out_dir: str | Path, overwrite: bool = False) -> Path:
     return save_quantized(pipe, out_dir, overwrite=overwrite)
 
 
-def load(path: str | Path, device: str | None = None):
-    """Load an export folder into a ready pipeline (no network, no original checkpoint needed)."""
+def load(path: str | Path, device: str | None = None, kernel: str | None = None):
+    """Load an export folder into a ready pipeline (no network, no original checkpoint needed).
+
+    ``kernel``: backend preference of the frozen layers instead of the export recipe's (``auto``, ``cpu_int8``,
+    ``triton``, ``torch``); ``"torch"`` keeps no prepacked int8 copy beside the stored codes (least memory, slower).
+    """
     from qdiff.export.load import load_export
 
     defer_bitsandbytes()  # diffusers would import it (and print its notices) although nothing here uses it
-    return load_export(path, device=device)
+    return load_export(path, device=device, kernel=kernel)
 
 
 def fit_schedule(

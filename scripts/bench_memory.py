@@ -97,7 +97,7 @@ def child_memory(src: str, recipe: str, out: str) -> dict:
     return {"wall_s": time.perf_counter() - start}
 
 
-def child_load(export: str, family: str) -> dict:
+def child_load(export: str, family: str, kernel: str = "auto") -> dict:
     import diffusers
     import torch
     from accelerate import init_empty_weights  # noqa: F401 (imported before the baseline is taken)
@@ -107,7 +107,7 @@ def child_load(export: str, family: str) -> dict:
     getattr(diffusers, json.loads((Path(export) / "qdiff.json").read_text())["denoiser"]["class"])  # its imports
     torch.manual_seed(0)
     rss_base, start = _rss_now(), time.perf_counter()
-    den = load_denoiser_export(export, device="cpu")
+    den = load_denoiser_export(export, device="cpu", kernel=kernel)
     load_s, rss_loaded = time.perf_counter() - start, _rss_now()
     if family == "sdxl":  # batch 1, 32x32 latent (256 px), 77 text tokens
         kwargs = dict(sample=torch.randn(1, 4, 32, 32, dtype=torch.float16), timestep=torch.tensor([500]),
@@ -180,7 +180,8 @@ def measure(args: argparse.Namespace) -> dict[str, dict]:
         shutil.rmtree(out, ignore_errors=True)
         results["sdxl-memory-w8a8"] = run_child("memory", args.sdxl, "w8a8", str(out))
         shutil.rmtree(out, ignore_errors=True)
-    results["sdxl-load-w8a8"] = run_child("load", str(sdxl_out), "sdxl")
+    results["sdxl-load-w8a8"] = run_child("load", str(sdxl_out), "sdxl")  # auto: cpu_int8 where its gate passes
+    results["sdxl-load-w8a8-torch"] = run_child("load", str(sdxl_out), "sdxl", "torch")
     shutil.rmtree(sdxl_out, ignore_errors=True)
     if args.skip_flux:
         return results
@@ -228,7 +229,10 @@ def table(results: dict[str, dict]) -> list[list[str]]:
     row("sdxl-memory-w8a8", "SDXL UNet: in-memory quantize (loaded in fp16), comparison", "w8a8", "-")
     load = results.get("sdxl-load-w8a8", {})
     target = f"<= {_gib(load['resident_bytes'] + GIB)} (resident + 1 GiB)" if "resident_bytes" in load else ""
-    row("sdxl-load-w8a8", "SDXL W8A8 export: load + one UNet call (1x4x32x32)", "w8a8", target, _load_notes)
+    row("sdxl-load-w8a8", "SDXL W8A8 export: load + one UNet call (1x4x32x32), kernel auto (cpu_int8)", "w8a8", target,
+        lambda r: _load_notes(r) + "; the call adds cpu_int8's prepacked int8 copy of every weight")  # fmt: skip
+    row("sdxl-load-w8a8-torch", "SDXL W8A8 export: load + one UNet call, `qdiff.load(..., kernel=\"torch\")`", "w8a8",
+        target, _load_notes)  # fmt: skip
     if "flux-skipped" in results:
         available = _gib(results["flux-skipped"]["available"])
         rows.append(["FLUX rows", "", f"not run: {available} available (< 14 GiB)", "", "", ""])

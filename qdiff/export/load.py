@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from qdiff.backends.registry import REGISTRY
 from qdiff.config.plan import Plan
 from qdiff.config.recipe import Recipe
 from qdiff.errors import QdiffError
@@ -142,33 +143,42 @@ def fill_denoiser(den: torch.nn.Module, folder: Path, weights: str, device=None)
         den.to(device)  # the small non-persistent buffers built with the architecture
 
 
-def _finish(den: torch.nn.Module, manifest: dict) -> Recipe:
-    """Kernel preference and QuantInfo from the manifest; returns the recipe."""
+def _finish(den: torch.nn.Module, manifest: dict, kernel: str | None = None) -> Recipe:
+    """Kernel preference (``kernel``, else the recipe's) and QuantInfo from the manifest; returns the recipe."""
     recipe = Recipe.from_dict(manifest.get("recipe") or {})
     plan = Plan.from_dict(manifest["plan"]) if manifest.get("plan") else None
+    preference = recipe.kernel if kernel is None else REGISTRY.check(kernel)
     for module in den.modules():
         if hasattr(module, "kernel"):
-            module.kernel = recipe.kernel
+            module.kernel = preference
     set_info(den, QuantInfo(recipe=recipe, plan=plan, base_model=manifest.get("base_model")))
     attach_save(den)  # save_pretrained writes a qdiff export (qdiff.export.pretrained)
     return recipe
 
 
-def load_denoiser_export(path: str | Path, device: str | torch.device | None = None) -> torch.nn.Module:
+def load_denoiser_export(
+    path: str | Path, device: str | torch.device | None = None, kernel: str | None = None
+) -> torch.nn.Module:
     """The quantized denoiser alone from any export (the only thing a ``denoiser_only`` export holds)."""
     folder = Path(path)
     manifest = read_manifest(folder)
+    if kernel is not None:
+        REGISTRY.check(kernel)  # before any work
     verify_files(folder, manifest)
     den = load_denoiser(folder, manifest, device)
-    _finish(den, manifest)
+    _finish(den, manifest, kernel)
     return den
 
 
-def load_export(path: str | Path, device: str | torch.device | None = None):
+def load_export(path: str | Path, device: str | torch.device | None = None, kernel: str | None = None):
     """Load an export folder written by :func:`qdiff.save` or the streaming quantizer; verifies version, hashes and
-    shapes first. ``device``: the denoiser is moved there tensor by tensor while loading, then the other parts."""
+    shapes first. ``device``: the denoiser is moved there tensor by tensor while loading, then the other parts.
+    ``kernel``: the frozen layers' backend preference instead of the recipe's (e.g. ``"torch"``: no prepacked int8
+    copies beside the stored codes, the least memory; ``docs/kernels.md``)."""
     folder = Path(path)
     manifest = read_manifest(folder)
+    if kernel is not None:
+        REGISTRY.check(kernel)  # before any work
     if manifest.get("denoiser_only"):
         raise QdiffError(
             f"{folder}: this export holds only the denoiser (quantized from a model folder, no VAE / text encoders / "
@@ -176,7 +186,7 @@ def load_export(path: str | Path, device: str | torch.device | None = None):
         )
     verify_files(folder, manifest)
     den = load_denoiser(folder, manifest, device)
-    _finish(den, manifest)
+    _finish(den, manifest, kernel)
     from diffusers import DiffusionPipeline
 
     from qdiff.config.dtypes import as_torch_dtype, dtype_kwargs

@@ -66,6 +66,20 @@ def test_images_identical_after_load(exported):
     assert torch.equal(generate(loaded, seed=11), images)
 
 
+def test_load_with_a_kernel_preference(exported):
+    """qdiff.load(kernel=...) overrides the recipe's backend preference; the spy shows it, the images stay equal."""
+    from qdiff.backends.registry import recording
+
+    _, out, images = exported
+    loaded = qdiff.load(out, kernel="torch")
+    assert {m.kernel for m in quantized_layers(loaded.unet).values()} == {"torch"}
+    with recording() as calls:
+        assert torch.equal(generate(loaded, seed=11), images)
+    assert calls and {name for name, _ in calls} == {"torch"}
+    with pytest.raises(QdiffError, match="kernel: got 'fast'"):
+        qdiff.load(out, kernel="fast")
+
+
 def test_resave_of_loaded_pipeline(exported, tmp_path):
     loaded = qdiff.load(exported[1])
     again = qdiff.save(loaded, tmp_path / "again")
