@@ -28,6 +28,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("bench",),
     ("api",),
     ("integrations",),  # diffusers quantization backend (quant_method "qdiff"); may import the API
+    ("cli_parser",),  # the argument parser (a layer below the commands that use it)
     ("cli", "__init__", "__main__"),
 )
 
