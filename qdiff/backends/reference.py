@@ -1,9 +1,11 @@
 """The exact torch reference for frozen layers: every call runs here when no faster backend covers it.
 
 Activations are quantized with the same primitives as the fake-quant path, the integer products are accumulated
-exactly (integer values held in float32 while the worst-case sum stays below 2**24, float64 otherwise; always
-float64 on CUDA, where cuBLAS/cuDNN may use TF32), then the scales are applied in an fp32 epilogue in a fixed
-order: ``sum_g f32(acc_g) * w_scale_g``, ``* a_scale``, ``+ bias``, cast. The kernels are pinned to it bit for bit.
+exactly (float32 GEMMs / convs over K chunks whose worst-case sum stays below 2**24, so every partial sum is an exact
+integer whatever the summation order, the chunks added in float64; always float64 on CUDA, where cuBLAS/cuDNN may use
+TF32), then the scales are applied in an fp32 epilogue in a fixed order: ``sum_g f32(acc_g) * w_scale_g``,
+``* a_scale``, ``+ bias``, cast. The kernels are pinned to it bit for bit. The operands are never widened to float64
+on the CPU (an SDXL 1280 x 23040 conv weight would be a 0.22 GiB temporary).
 """
 
 from __future__ import annotations
@@ -118,17 +120,41 @@ def act_abs_max(act: ActSpec) -> int:
 
 
 # ---- exact integer products ----------------------------------------------------------------------------------------
-def exact_dtype(k: int, a_abs: int, w_abs: int, device: torch.device | None = None) -> torch.dtype:
-    """float32 holds every partial sum exactly while k*|a|*|w| < 2**24; else float64 (always float64 on CUDA)."""
-    if device is not None and device.type == "cuda":
-        return torch.float64
-    return torch.float32 if k * a_abs * w_abs < _FP32_EXACT else torch.float64
+def exact_chunk(a_abs: int, w_abs: int) -> int:
+    """The largest K whose worst-case integer dot product ``K * |a| * |w|`` stays below 2**24 (exact in float32)."""
+    return max(1, (_FP32_EXACT - 1) // (a_abs * w_abs))
 
 
 def int_gemm(qa: Tensor, qw: Tensor, a_abs: int, w_abs: int) -> Tensor:
-    """Exact integer GEMM: (M, K) x (N, K)^T -> (M, N) integer values (float32 or float64)."""
-    dtype = exact_dtype(qa.shape[-1], a_abs, w_abs, qa.device)
-    return qa.to(dtype) @ qw.to(dtype).t()
+    """Exact integer GEMM: (M, K) x (N, K)^T -> (M, N) integer values: float32 when K fits one exact chunk, else
+    float64 (the float32 partial sums of K chunks, added in float64: exact below 2**53). float64 on CUDA."""
+    if qa.device.type == "cuda":
+        return qa.double() @ qw.double().t()
+    k, chunk = qa.shape[-1], exact_chunk(a_abs, w_abs)
+    if k <= chunk:
+        return qa.float() @ qw.float().t()
+    acc = None
+    for lo in range(0, k, chunk):
+        part = (qa[:, lo : lo + chunk].float() @ qw[:, lo : lo + chunk].float().t()).double()
+        acc = part if acc is None else acc.add_(part)
+    return acc  # type: ignore[return-value]
+
+
+def int_conv2d(qa: Tensor, qw: Tensor, geom: ConvGeometry, a_abs: int, w_abs: int) -> Tensor:
+    """Exact integer conv of ``qa`` (B, C, H, W) with codes ``qw`` (N, C, kh, kw): integer values in float32 when
+    ``C * kh * kw`` fits one exact chunk, else float64 (float32 convs over input-channel chunks, added in float64)."""
+    conv = lambda a, w: F.conv2d(a, w, stride=geom.stride, padding=geom.padding, dilation=geom.dilation)  # noqa: E731
+    if qa.device.type == "cuda":
+        return conv(qa.double(), qw.double())
+    c, taps = qw.shape[1], qw.shape[2] * qw.shape[3]
+    per = max(1, exact_chunk(a_abs, w_abs) // taps)  # input channels per exact chunk (9 * 255 * 127 < 2**24)
+    if c <= per:
+        return conv(qa.float(), qw.float())
+    acc = None
+    for lo in range(0, c, per):
+        part = conv(qa[:, lo : lo + per].float(), qw[:, lo : lo + per].float()).double()
+        acc = part if acc is None else acc.add_(part)
+    return acc  # type: ignore[return-value]
 
 
 def grouped_gemm(qa: Tensor, qw: Tensor, pw: PackedWeight, a_abs: int, w_abs: int) -> Tensor:
@@ -150,8 +176,7 @@ def _conv_weighted(qa: Tensor, qw: Tensor, pw: PackedWeight, geom: ConvGeometry,
     n, c, kh, kw = qw.shape
     k = c * kh * kw
     if not pw.grouped:
-        dtype = exact_dtype(k, a_abs, w_abs, qa.device)
-        acc = F.conv2d(qa.to(dtype), qw.to(dtype), stride=geom.stride, padding=geom.padding, dilation=geom.dilation)
+        acc = int_conv2d(qa, qw, geom, a_abs, w_abs)
         return acc.float() * pw.scale.reshape(1, -1, 1, 1).float()  # (N,1) per channel or (1,1) per tensor
     # group-wise weights: im2col, then one exact integer GEMM per group
     padding = geom.explicit_padding()
