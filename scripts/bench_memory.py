@@ -139,24 +139,29 @@ def mem_available() -> int:
     return 0
 
 
+def watch(proc: subprocess.Popen, floor: int = 3 * GIB, poll: float = 0.5) -> tuple[int, int, bool]:
+    """Wait for ``proc``: (exit code, peak RSS bytes = the child's ``ru_maxrss``, killed). The child is killed when
+    the machine drops under ``floor`` bytes available (it is shared: never push it into the OOM killer)."""
+    killed = False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            return os.waitstatus_to_exitcode(status), usage.ru_maxrss * 1024, killed
+        if mem_available() < floor and not killed:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed = True
+        time.sleep(poll)
+
+
 def run_child(job: str, *args: str, floor: int = 3 * GIB) -> dict:
     """Run one job in a fresh interpreter; returns its JSON result plus ``peak_rss`` (bytes, ru_maxrss)."""
     cmd = [sys.executable, __file__, "--child", job, *args]
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    killed = False
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if mem_available() < floor and not killed:
-            os.kill(proc.pid, signal.SIGKILL)  # the machine is shared: never push it into the OOM killer
-            killed = True
-        time.sleep(0.5)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.returncode, peak_rss, killed = watch(proc, floor)
     lines = proc.stdout.read().strip().splitlines()
     result = json.loads(lines[-1]) if proc.returncode == 0 and lines else {}
-    result.update(peak_rss=usage.ru_maxrss * 1024, returncode=proc.returncode, killed=killed)
+    result.update(peak_rss=peak_rss, returncode=proc.returncode, killed=killed)
     print("  ->", json.dumps(result), flush=True)
     return result
 

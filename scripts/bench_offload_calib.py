@@ -24,7 +24,6 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -98,30 +97,16 @@ def make_recipe(path: Path, base: str) -> Path:
     return path
 
 
-def mem_available() -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def run(cmd: list[str], floor: int = 3 * GIB) -> dict:
-    """One child process: wall time, exit code and peak RSS (``ru_maxrss``)."""
+    """One child process: wall time, exit code and peak RSS (``ru_maxrss``, :func:`bench_memory.watch`)."""
+    from bench_memory import watch  # this folder is on sys.path when a script here runs
+
     print("$", " ".join(cmd), flush=True)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
-    killed = False
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if mem_available() < floor and not killed:
-            os.kill(proc.pid, signal.SIGKILL)  # the machine is shared: never push it into the OOM killer
-            killed = True
-        time.sleep(0.2)
-    return {"wall_s": round(time.perf_counter() - start, 1), "peak_rss": usage.ru_maxrss * 1024,
-            "returncode": os.waitstatus_to_exitcode(status), "killed": killed}  # fmt: skip
+    code, peak_rss, killed = watch(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL), floor, poll=0.2)
+    return {"wall_s": round(time.perf_counter() - start, 1), "peak_rss": peak_rss, "returncode": code,
+            "killed": killed}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

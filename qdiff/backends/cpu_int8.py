@@ -26,7 +26,7 @@ from torch import Tensor
 from qdiff.backends.int8_acts import im2col_u8, quantize_act, to_channels_last, to_nchw
 from qdiff.backends.int8_gate import GATE_K, self_test
 from qdiff.backends.onednn import (
-    _PACK_CACHE,
+    _PACK_CACHE,  # noqa: F401 (re-exported: tests inspect the cache)
     PackedConv,
     PackedLinear,
     cached,
@@ -58,7 +58,6 @@ __all__ = [
     "self_test",
     "resident_nbytes",
 ]
-_ = (_PACK_CACHE, GATE_K)  # re-exported for tests and tools that inspect the cache / the gate's K
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -146,6 +145,11 @@ def linear_w4a8(
 # --------------------------------------------------------------------------------------------------------------------
 # Conv2d
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def _part(t: Tensor | None, i: int) -> Tensor | None:
+    """Split part ``i``'s static activation scale / zero-point from a (2,) tensor (None stays None)."""
+    return None if t is None else t.reshape(2)[i]
 
 
 def _finish_conv(y: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -255,8 +259,7 @@ def conv2d_w8a8_split(
         )
     y = None
     for part, (lo, hi) in enumerate(parts):
-        scale = None if a_scale is None else a_scale.reshape(2)[part]
-        zp = None if a_zp is None else a_zp.reshape(2)[part]
+        scale, zp = _part(a_scale, part), _part(a_zp, part)
         qx, zpu, sa = _conv_codes_padded(x[:, lo:hi], (a_bits, a_mode, scale, zp), extra)
         t = qconv(qx, zpu, packed[part]).mul_(sa)
         y = t if y is None else y.add_(t)
@@ -290,8 +293,7 @@ def conv2d_grouped(
     parts = ((0, c),) if split is None else ((0, split), (split, c))
     y, ho, wo = None, 0, 0
     for i, (lo, hi) in enumerate(parts):
-        scale = a_scale if a_scale is None or split is None else a_scale.reshape(2)[i]
-        zp = a_zp if a_zp is None or split is None else a_zp.reshape(2)[i]
+        scale, zp = (a_scale, a_zp) if split is None else (_part(a_scale, i), _part(a_zp, i))
         qx, zpu, sa = quantize_act(x if split is None else x[:, lo:hi], a_bits, a_mode, scale, zp)
         if split is not None:
             full = torch.full((b, c, *x.shape[2:]), zpu, dtype=torch.uint8)

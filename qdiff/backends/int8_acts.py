@@ -22,7 +22,7 @@ from torch import Tensor
 
 from qdiff.numerics.primitives import compute_qparams, qrange
 
-__all__ = ["quantize_act", "u8_codes", "to_channels_last", "to_nchw", "im2col_u8"]
+__all__ = ["quantize_act", "u8_codes", "transpose_per_sample", "to_channels_last", "to_nchw", "im2col_u8"]
 
 _LOOP_HW = 1024  # pixels per image from which per-sample transposed copies beat one strided copy (measured)
 _ROUND = 12582912.0  # 1.5 * 2**23: x + _ROUND is an integer-valued fp32 (half to even) for |x| <= 2**22
@@ -78,6 +78,16 @@ def _scalar_zp(a_scale: Tensor | None, a_zp: Tensor | None) -> int:
     return int(a_zp.reshape(()).item())
 
 
+def transpose_per_sample(t: Tensor) -> Tensor:
+    """(B, X, Y) -> contiguous (B, Y, X): one 2-D transposed copy per sample (ATen's blocked transpose, which a
+    single 3-D strided copy does not use)."""
+    b, x, y = t.shape
+    out = torch.empty((b, y, x), dtype=t.dtype, device=t.device)
+    for i in range(b):
+        out[i].copy_(t[i].t())
+    return out
+
+
 def to_channels_last(t: Tensor) -> Tensor:
     """(B, C, H, W) -> the same values in channels-last memory.
 
@@ -90,11 +100,7 @@ def to_channels_last(t: Tensor) -> Tensor:
     b, c, h, w = t.shape
     if h * w < _LOOP_HW:
         return t.contiguous(memory_format=torch.channels_last)
-    t = t.contiguous()
-    out = torch.empty((b, h, w, c), dtype=t.dtype)
-    for i in range(b):
-        out[i].view(h * w, c).copy_(t[i].view(c, h * w).t())
-    return out.permute(0, 3, 1, 2)
+    return transpose_per_sample(t.reshape(b, c, h * w)).view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 def to_nchw(t: Tensor) -> Tensor:
@@ -104,10 +110,7 @@ def to_nchw(t: Tensor) -> Tensor:
     b, c, h, w = t.shape
     if h * w < _LOOP_HW or c < 128:
         return t.contiguous()
-    out = torch.empty((b, c, h, w), dtype=t.dtype)
-    for i in range(b):
-        out[i].view(c, h * w).copy_(t[i].permute(1, 2, 0).reshape(h * w, c).t())
-    return out
+    return transpose_per_sample(t.permute(0, 2, 3, 1).reshape(b, h * w, c)).view(b, c, h, w)
 
 
 def im2col_u8(
@@ -136,7 +139,4 @@ def im2col_u8(
     win = q.as_strided((b, c, kh, kw, ho, wo), (sb, sc, sy * dh, sx * dw, sy * sh, sx * sw))
     k, length = c * kh * kw, ho * wo
     by_k = win.reshape(b, k, length)  # (B, K, L): a copy (the windows overlap)
-    out = torch.empty((b, length, k), dtype=torch.uint8)
-    for i in range(b):
-        out[i].copy_(by_k[i].t())
-    return out.view(b * length, k), ho, wo
+    return transpose_per_sample(by_k).view(b * length, k), ho, wo

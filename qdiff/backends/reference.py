@@ -125,36 +125,34 @@ def exact_chunk(a_abs: int, w_abs: int) -> int:
     return max(1, (_FP32_EXACT - 1) // (a_abs * w_abs))
 
 
-def int_gemm(qa: Tensor, qw: Tensor, a_abs: int, w_abs: int) -> Tensor:
-    """Exact integer GEMM: (M, K) x (N, K)^T -> (M, N) integer values: float32 when K fits one exact chunk, else
-    float64 (the float32 partial sums of K chunks, added in float64: exact below 2**53). float64 on CUDA."""
+def _exact_product(op, qa: Tensor, qw: Tensor, size: int, chunk: int) -> Tensor:
+    """``op(qa, qw)`` over dim 1 (K of a GEMM, input channels of a conv) as exact integers: float32 when ``size``
+    fits one ``chunk``, else float32 products of chunks added in float64 (exact below 2**53). float64 on CUDA."""
     if qa.device.type == "cuda":
-        return qa.double() @ qw.double().t()
-    k, chunk = qa.shape[-1], exact_chunk(a_abs, w_abs)
-    if k <= chunk:
-        return qa.float() @ qw.float().t()
+        return op(qa.double(), qw.double())
+    if size <= chunk:
+        return op(qa.float(), qw.float())
     acc = None
-    for lo in range(0, k, chunk):
-        part = (qa[:, lo : lo + chunk].float() @ qw[:, lo : lo + chunk].float().t()).double()
+    for lo in range(0, size, chunk):
+        part = op(qa[:, lo : lo + chunk].float(), qw[:, lo : lo + chunk].float()).double()
         acc = part if acc is None else acc.add_(part)
     return acc  # type: ignore[return-value]
+
+
+def int_gemm(qa: Tensor, qw: Tensor, a_abs: int, w_abs: int) -> Tensor:
+    """Exact integer GEMM: (M, K) x (N, K)^T -> (M, N) integer values (float32 or float64, see above)."""
+    return _exact_product(lambda a, w: a @ w.t(), qa, qw, qa.shape[-1], exact_chunk(a_abs, w_abs))
 
 
 def int_conv2d(qa: Tensor, qw: Tensor, geom: ConvGeometry, a_abs: int, w_abs: int) -> Tensor:
     """Exact integer conv of ``qa`` (B, C, H, W) with codes ``qw`` (N, C, kh, kw): integer values in float32 when
     ``C * kh * kw`` fits one exact chunk, else float64 (float32 convs over input-channel chunks, added in float64)."""
-    conv = lambda a, w: F.conv2d(a, w, stride=geom.stride, padding=geom.padding, dilation=geom.dilation)  # noqa: E731
-    if qa.device.type == "cuda":
-        return conv(qa.double(), qw.double())
-    c, taps = qw.shape[1], qw.shape[2] * qw.shape[3]
-    per = max(1, exact_chunk(a_abs, w_abs) // taps)  # input channels per exact chunk (9 * 255 * 127 < 2**24)
-    if c <= per:
-        return conv(qa.float(), qw.float())
-    acc = None
-    for lo in range(0, c, per):
-        part = conv(qa[:, lo : lo + per].float(), qw[:, lo : lo + per].float()).double()
-        acc = part if acc is None else acc.add_(part)
-    return acc  # type: ignore[return-value]
+
+    def conv(a: Tensor, w: Tensor) -> Tensor:
+        return F.conv2d(a, w, stride=geom.stride, padding=geom.padding, dilation=geom.dilation)
+
+    per = max(1, exact_chunk(a_abs, w_abs) // (qw.shape[2] * qw.shape[3]))  # input channels per exact chunk
+    return _exact_product(conv, qa, qw, qw.shape[1], per)
 
 
 def grouped_gemm(qa: Tensor, qw: Tensor, pw: PackedWeight, a_abs: int, w_abs: int) -> Tensor:

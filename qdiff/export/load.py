@@ -147,7 +147,7 @@ def _finish(den: torch.nn.Module, manifest: dict, kernel: str | None = None) -> 
     """Kernel preference (``kernel``, else the recipe's) and QuantInfo from the manifest; returns the recipe."""
     recipe = Recipe.from_dict(manifest.get("recipe") or {})
     plan = Plan.from_dict(manifest["plan"]) if manifest.get("plan") else None
-    preference = recipe.kernel if kernel is None else REGISTRY.check(kernel)
+    preference = recipe.kernel if kernel is None else kernel  # checked by the caller before any work
     for module in den.modules():
         if hasattr(module, "kernel"):
             module.kernel = preference
