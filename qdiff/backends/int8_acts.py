@@ -1,11 +1,13 @@
 """Activation codes for the CPU int8 kernels: uint8 ``q + 128`` equal to the reference's int8 codes, and layouts.
 
 The codes are those of :func:`qdiff.numerics.primitives.quantize` (``clamp(round(x.float() / scale) + zp, lo, hi)``,
-round half to even), computed in fewer passes over memory (measured on a 2048 x 1280 bf16 activation, one Zen 4
-core: 1.0 ms instead of 12.4 ms):
+round half to even), in fewer passes over memory and with at most one activation-sized temporary
+(``python scripts/bench_int8_acts.py``, one Zen 4 core, 2026-12-01: 1.6-1.7 ms on a 2048 x 1280 activation, fp32 or
+bf16):
 
-* a bf16 / fp16 input is cast to fp32 once: torch's mixed-dtype elementwise kernels are scalar (``bf16 / fp32``
-  division 9.3 ms vs 0.29 ms for ``fp32 / fp32``), and so are its reductions over bf16;
+* a bf16 / fp16 input is cast to fp32 once and that private copy is divided in place: reductions over bf16 cost
+  ~5x those over fp32 (1.37 vs 0.29 ms), and each fresh activation-sized buffer costs page faults that made single
+  ops 10-15x slower in some runs (the quantizer on bf16 input: 12.8 ms with one more temporary, 1.6-2.1 ms without);
 * ``v = x / scale`` is clamped to ``[lo - zp, hi - zp]`` *before* rounding (equal: the bounds are integers and
   rounding is monotone), then rounded by adding ``R = 1.5 * 2**23 + 128``: every fp32 in ``[2**23, 2**24)`` is an
   integer, so the one correctly rounded addition gives ``R + round_half_even(v)`` (``R`` is even, so a tie goes
@@ -28,16 +30,17 @@ _LOOP_HW = 1024  # pixels per image from which per-sample transposed copies beat
 _ROUND = 12582912.0  # 1.5 * 2**23: x + _ROUND is an integer-valued fp32 (half to even) for |x| <= 2**22
 
 
-def u8_codes(xf: Tensor, scale: Tensor, zp: int, lo: int, hi: int) -> Tensor:
+def u8_codes(xf: Tensor, scale: Tensor, zp: int, lo: int, hi: int, *, inplace: bool = False) -> Tensor:
     """uint8 ``clamp(round(xf / scale) + zp, lo, hi) + 128`` for fp32 ``xf`` (any shape, its layout kept).
 
     ``scale``: fp32, broadcastable to ``xf``; ``zp``: an integer in ``[lo, hi]``; ``[lo, hi]`` within ``[-128, 127]``.
+    ``inplace``: ``xf`` is a private copy the computation may overwrite (one activation-sized allocation fewer).
     """
     if xf.dtype != torch.float32:
         raise TypeError(f"u8_codes takes fp32 activations, got {xf.dtype}")
     if scale.dim() == 0:
         scale = scale.reshape(1)
-    t = torch.div(xf, scale.float())
+    t = xf.div_(scale.float()) if inplace else torch.div(xf, scale.float())
     t.clamp_(lo - zp, hi - zp)
     even = zp % 2 == 0
     t.add_(_ROUND + 128 + (zp if even else 0))
@@ -57,18 +60,19 @@ def quantize_act(
     :func:`compute_qparams`; static asymmetric per tensor). oneDNN's fast int8 kernels take uint8 sources only.
     """
     rank = x.dim()
-    xf = x if x.dtype == torch.float32 else x.float()
+    private = x.dtype != torch.float32  # the fp32 cast is a fresh copy: divide it in place
+    xf = x.float() if private else x
     if a_mode == "dynamic":
         rows = xf.flatten(1)
         absmax = torch.maximum(rows.amin(dim=-1, keepdim=True).neg_(), rows.amax(dim=-1, keepdim=True))
         scale = compute_qparams(-absmax, absmax, a_bits, symmetric=True)[0].reshape(-1, *([1] * (rank - 1)))
         lo, hi = qrange(a_bits, True)
-        return u8_codes(xf, scale, 0, lo, hi), 128, scale
+        return u8_codes(xf, scale, 0, lo, hi, inplace=private), 128, scale
     if a_mode == "static":
         zp = _scalar_zp(a_scale, a_zp)
         lo, hi = qrange(a_bits, False)
         scale = a_scale.detach().float()  # type: ignore[union-attr]
-        return u8_codes(xf, scale, zp, lo, hi), zp + 128, scale.reshape([1] * rank)
+        return u8_codes(xf, scale, zp, lo, hi, inplace=private), zp + 128, scale.reshape([1] * rank)
     raise ValueError(f"a_mode must be 'dynamic' or 'static', got {a_mode!r}")
 
 
@@ -92,8 +96,8 @@ def to_channels_last(t: Tensor) -> Tensor:
     """(B, C, H, W) -> the same values in channels-last memory.
 
     Large images: one 2-D transposed copy per sample (ATen's blocked transpose), 2-5x faster here than
-    ``.contiguous(memory_format=torch.channels_last)`` (uint8, 2 x 320 x 64 x 64: 1.5 ms vs 7.6 ms); below
-    ``_LOOP_HW`` pixels the per-sample calls cost more than they save (32 x 64 x 8 x 8: 0.25 ms vs 0.08 ms).
+    ``.contiguous(memory_format=torch.channels_last)`` (uint8, 2 x 320 x 64 x 64: 1.8 ms vs 8.8 ms); below
+    ``_LOOP_HW`` pixels one strided copy (per-sample calls cost more than they save on 32 x 64 x 8 x 8).
     """
     if t.is_contiguous(memory_format=torch.channels_last):
         return t
@@ -126,7 +130,8 @@ def im2col_u8(
     Column order (C, kh, kw), the order of a flattened Conv2d weight; ``pads`` (top, bottom, left, right) are
     filled with the code ``fill`` (the zero-point: the real value 0). ``F.unfold`` has no uint8 kernel. Two copies:
     the windows in (C, kh, kw, Ho, Wo) order (runs of Wo bytes), then one 2-D transposed copy per sample (ATen's
-    blocked transpose); measured 4-6x faster here than one 6-D gather copy (2 x 320 x 64 x 64, 3x3: 37 ms vs 150 ms).
+    blocked transpose); measured 4x faster here than one 6-D gather copy (2 x 320 x 64 x 64, 3x3: 19 ms vs 76 ms;
+    ``scripts/bench_int8_acts.py``).
     """
     top, bottom, left, right = pads
     if any(pads):
