@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -280,10 +281,11 @@ sys.exit(rc)
 
 
 def test_quantize_neither_imports_bitsandbytes_nor_prints_its_notice(tmp_path):
-    """A subprocess (a fresh interpreter), run outside the repository so that its ``kernels/`` folder does not shadow
-    the optional ``kernels`` package bitsandbytes looks for."""
+    """A subprocess (a fresh interpreter) started at the repository root, where users start: the top-level
+    ``kernels/`` folder must not shadow Hugging Face's ``kernels`` package that bitsandbytes and transformers use."""
+    root = Path(__file__).resolve().parents[1]
     out = subprocess.run([sys.executable, "-c", _NO_BNB, str(tmp_path / "o")], capture_output=True, text=True,
-                         cwd=tmp_path, timeout=300)  # fmt: skip
+                         cwd=root, timeout=300)  # fmt: skip
     text = out.stdout + out.stderr
     assert out.returncode == 0, text
     assert "BNB-IMPORTED False" in out.stdout and "LAZY-OK" in out.stdout and "LAZY-OK False" not in out.stdout

@@ -154,6 +154,8 @@ def test_paths_named_in_docs_exist():
 # ---- modules --------------------------------------------------------------------------------------------------------
 def _top_level_names(source: Path) -> set[str]:
     names: set[str] = set()
+    if not source.is_file():  # a package without __init__.py (the mapped kernels/ folder)
+        return names
     for node in ast.parse(source.read_text()).body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             names.add(node.name)
@@ -173,7 +175,7 @@ def _module_problem(dotted: str) -> str | None:
     for i in range(1, len(parts)):
         name = ".".join(parts[: i + 1])
         sub = ROOT / PACKAGE_DIRS[name] if name in PACKAGE_DIRS else folder / parts[i]
-        if (sub / "__init__.py").is_file():
+        if (sub / "__init__.py").is_file() or (name in PACKAGE_DIRS and sub.is_dir()):  # kernels/: no __init__.py
             folder = sub
             continue
         if sub.with_suffix(".py").is_file():

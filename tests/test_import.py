@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 
 def test_import_is_lazy_and_offline():
@@ -32,3 +34,37 @@ def test_import_is_lazy_and_offline():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repository_root_shadows_no_installed_package():
+    """Python started at the repository root (``python -m pytest``, ``python -c``, a notebook: the root is
+    ``sys.path[0]``) must import diffusers' pipelines and a transformers text model. The top-level ``kernels/`` folder
+    is a plain folder (no ``__init__.py``), so Hugging Face's ``kernels`` package (transformers imports it) wins over
+    it; with an ``__init__.py`` back, ``kernels`` resolves to the folder and this test fails even where Hugging
+    Face's package is not installed."""
+    code = textwrap.dedent(
+        f"""
+        import importlib.util, os
+        root = {str(ROOT)!r}
+        spec = importlib.util.find_spec("kernels")
+        origin = spec.origin if spec is not None else None
+        folder = os.path.join(root, "kernels")
+        assert os.path.dirname(origin or "") != folder, f"'kernels' resolves to the repository's folder: {{origin}}"
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        from transformers import CLIPTextConfig, CLIPTextModel
+        model = CLIPTextModel(CLIPTextConfig(hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                                             num_attention_heads=2, vocab_size=16, max_position_embeddings=8))
+        import qdiff._kernels.tiles as tiles  # the editable install maps the folder as qdiff._kernels
+        import qdiff
+        if qdiff.__file__.startswith(root + os.sep):
+            assert tiles.__file__ == os.path.join(root, "kernels", "tiles.py"), tiles.__file__
+        print("ok", origin)
+        """
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.startswith("ok"), out.stdout

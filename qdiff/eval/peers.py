@@ -14,8 +14,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.util
-import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -24,7 +23,7 @@ from torch import nn
 
 from qdiff.config.recipe import Recipe
 from qdiff.errors import QdiffError
-from qdiff.utils.lazy_imports import BNB_CPU_LOGGER, BNB_NOTICE, DropNotice, import_bitsandbytes
+from qdiff.utils.lazy_imports import BNB_NOTICES, dropping_notices, import_bitsandbytes
 
 INSTALL_HINT = "not installed: pip install 'qdiff[peers]'"
 NF4_BLOCK = 64  # bitsandbytes Params4bit default blocksize (absmax per 64 weights)
@@ -102,16 +101,10 @@ def _count_kinds(den: nn.Module, names: list[str]) -> str:
     return ", ".join(f"{c} {k}" for k, c in counts.items())
 
 
-@contextlib.contextmanager
-def quiet_imports() -> Iterator[None]:
-    """Drop bitsandbytes' optional-kernel notice ("... kernels-community") while a peer library is imported
+def quiet_imports() -> contextlib.AbstractContextManager[None]:
+    """Drop bitsandbytes' optional-kernel notices ("... kernels-community") while a peer library is imported
     (optimum-quanto imports diffusers / transformers, which import bitsandbytes); other records pass."""
-    logger, notice = logging.getLogger(BNB_CPU_LOGGER), DropNotice(BNB_NOTICE)
-    logger.addFilter(notice)
-    try:
-        yield
-    finally:
-        logger.removeFilter(notice)
+    return dropping_notices(BNB_NOTICES)
 
 
 def _replace(den: nn.Module, name: str, new: nn.Module) -> None:

@@ -2,14 +2,16 @@
 
 diffusers imports bitsandbytes as soon as it is installed (``diffusers.quantizers.bitsandbytes.utils`` runs
 ``import bitsandbytes as bnb`` at import time, reached from every diffusers model class), and bitsandbytes logs
-"Failed to load CPU gemm_4bit_forward from kernels-community" on import on AVX512-BF16 CPUs without the optional
-``kernels`` package. qdiff needs bitsandbytes only for NF4 / int8 T5 text encoders, so:
+"Failed to load CPU gemm_4bit_forward from kernels-community" on import on AVX512-BF16 CPUs when Hugging Face's
+``kernels`` package cannot fetch that kernel (not installed, or offline: then ``kernels`` itself first logs "Skipping
+publisher trust check for 'kernels-community/quantization-bitsandbytes' ..."). qdiff needs bitsandbytes only for NF4
+/ int8 T5 text encoders, so:
 
 * :func:`defer_bitsandbytes` imports diffusers' quantizer registry with bitsandbytes reported unavailable for the
   duration of that import, then gives diffusers a stand-in ``bnb`` that imports the real package on first use;
   diffusers' availability and version checks are left as they were, so its own bitsandbytes path still works.
-* :func:`import_bitsandbytes` is the real import, with that one optional-kernel notice filtered out; every other
-  record (warnings about missing native libraries, errors) passes.
+* :func:`import_bitsandbytes` is the real import, with those optional-kernel notices (``BNB_NOTICES``) filtered out;
+  every other record (warnings about missing native libraries, errors) passes.
 """
 
 from __future__ import annotations
@@ -18,9 +20,16 @@ import importlib
 import logging
 import sys
 import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 BNB_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
 BNB_CPU_LOGGER = "bitsandbytes.backends.cpu.ops"
+# (logger, message prefix) of the notices ``import bitsandbytes`` prints about its optional hub kernel on CPU.
+BNB_NOTICES: tuple[tuple[str, str], ...] = (
+    (BNB_CPU_LOGGER, BNB_NOTICE),
+    ("kernels._internals.hf_hub", "Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"),
+)
 
 
 class DropNotice(logging.Filter):
@@ -35,17 +44,25 @@ class DropNotice(logging.Filter):
 
 
 def import_bitsandbytes() -> types.ModuleType:
-    """``import bitsandbytes`` without its optional CPU-kernel notice (ImportError when it is not installed)."""
+    """``import bitsandbytes`` without its optional CPU-kernel notices (ImportError when it is not installed)."""
     loaded = sys.modules.get("bitsandbytes")
     if loaded is not None:  # (a None entry means "not importable": import_module raises ImportError for it)
         return loaded
-    logger = logging.getLogger(BNB_CPU_LOGGER)
-    notice = DropNotice(BNB_NOTICE)
-    logger.addFilter(notice)
-    try:
+    with dropping_notices(BNB_NOTICES):
         return importlib.import_module("bitsandbytes")
+
+
+@contextmanager
+def dropping_notices(notices: tuple[tuple[str, str], ...]) -> Iterator[None]:
+    """Drop the records of each (logger, message prefix) while the block runs; every other record passes."""
+    filters = [(logging.getLogger(name), DropNotice(prefix)) for name, prefix in notices]
+    for logger, notice in filters:
+        logger.addFilter(notice)
+    try:
+        yield
     finally:
-        logger.removeFilter(notice)
+        for logger, notice in filters:
+            logger.removeFilter(notice)
 
 
 class LazyBitsandbytes(types.ModuleType):
@@ -72,14 +89,8 @@ def defer_bitsandbytes() -> None:
     once diffusers' quantizers are loaded)."""
     if "diffusers.quantizers" in sys.modules:
         return
-    filters = [(logging.getLogger(name), DropNotice(prefix)) for name, prefix in IMPORT_NOTICES]
-    for logger, notice in filters:
-        logger.addFilter(notice)
-    try:
+    with dropping_notices(IMPORT_NOTICES):
         _import_quantizers_without_bnb()
-    finally:
-        for logger, notice in filters:
-            logger.removeFilter(notice)
 
 
 def _import_quantizers_without_bnb() -> None:
