@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from qdiff.calib.capture import observing
 from qdiff.calib.stats import CapturedStats
 from qdiff.config.plan import Plan
@@ -22,6 +20,7 @@ from qdiff.sampling.draw import draw
 from qdiff.sampling.prompts import load_prompts
 from qdiff.utils.finite import check_parameters
 from qdiff.utils.lazy_imports import defer_bitsandbytes
+from qdiff.utils.progress import progress_bar
 
 
 def as_recipe(recipe: Recipe | str | Path | None) -> Recipe:
@@ -80,7 +79,7 @@ def quantize(
             static[name].set_act_qparams(*qparams)
     elif static:
         _calibrate_static(pipe, static, recipe, prompts, progress)
-    for m in tqdm(layers.values(), desc="packing weights", disable=not progress, leave=False):
+    for m in progress_bar(layers.values(), desc="packing weights", unit="layer", enabled=progress):
         m.kernel = recipe.kernel
         m.freeze()
     base = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from qdiff.cli_parser import build_parser
 from qdiff.errors import QdiffError
+from qdiff.utils.progress import is_terminal, quiet_library_bars
 
 # quantize/calibrate read the float weights in float32 unless --dtype says otherwise: a float16 checkpoint upcasts
 # exactly, while a bfloat16 copy of it would round the weights before they are quantized
@@ -294,6 +295,8 @@ def cmd_generate(args) -> int:
     if width:
         kwargs["width"] = width
     generator = torch.Generator("cpu").manual_seed(args.seed)
+    if not is_terminal(sys.stderr):
+        pipe.set_progress_bar_config(disable=True)  # the sampler's step bar: only on a terminal
     images = pipe(args.prompt, generator=generator, **kwargs).images
     out = save_png(hstack(images), args.out)
     dtype = str(compute).removeprefix("torch.") if compute is not None else "mixed"
@@ -426,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
             from qdiff.utils.lazy_imports import defer_bitsandbytes
 
             defer_bitsandbytes()  # diffusers would import bitsandbytes (and its notices) although no recipe needs it
+            if not is_terminal(sys.stderr):  # CI, nohup, a pipe: no bar redraws in the log (qdiff.utils.progress)
+                quiet_library_bars()
         return _run(args)
     except BrokenPipeError:  # e.g. `qdiff inspect DIR | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -32,7 +32,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from qdiff.calib.capture import capturing, collecting_outputs, first_output
 from qdiff.calib.metrics import sqnr_db, ssim
@@ -45,6 +44,7 @@ from qdiff.models.adapters import CONTENT, LayerInfo, find_denoiser, get_adapter
 from qdiff.quant.modules import quant_module_for
 from qdiff.sampling.draw import draw
 from qdiff.sampling.prompts import load_prompts
+from qdiff.utils.progress import progress_bar
 
 
 def analyzed_layers(infos: Sequence[LayerInfo], recipe: Recipe) -> list[LayerInfo]:
@@ -329,7 +329,7 @@ def analyze(
     scorer = _Scorer(pipe, den, recipe, names, bos, progress) if todo else None
     t_setup = time.perf_counter() - t0
     rows = {}
-    for info in tqdm(todo, desc=f"sensitivity ({recipe.sensitivity.mode})", disable=not progress, leave=False):
+    for info in progress_bar(todo, desc=f"sensitivity ({recipe.sensitivity.mode})", unit="layer", enabled=progress):
         layer, st = den.get_submodule(info.name), stats.layers.get(info.name)
         with pinned(den, [info.name]):  # its block stays materialised while the layer is fake-quantized
             scores = scorer.score_layer(info, layer, st, info.name in bos)

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from qdiff.calib.capture import capture_stats
 from qdiff.calib.sensitivity import _Scorer, analyzed_layers, candidates, fingerprint, metric_name, quantized_one
@@ -33,6 +32,7 @@ from qdiff.distributed.worklog import open_shared
 from qdiff.models.adapters import find_denoiser, get_adapter
 from qdiff.sampling.draw import draw, prompt_seeds
 from qdiff.sampling.prompts import load_prompts
+from qdiff.utils.progress import progress_bar
 
 WORKLOG = "worklog"  # sub-folder of the calibration work folder holding the per-rank sensitivity logs
 
@@ -165,8 +165,8 @@ def analyze_sharded(
     mine = [todo[j] for j in assign(costs, group.world_size)[group.rank]] if todo else []
     results: dict[str, Any] = {}
     with group.phase("sensitivity"):
-        bar = tqdm(mine, desc=f"sensitivity ({s.mode}, {group.world_size} ranks)", leave=False,
-                   disable=not (progress and group.is_main))  # fmt: skip
+        bar = progress_bar(mine, desc=f"sensitivity ({s.mode}, {group.world_size} ranks)", unit="item",
+                           enabled=progress and group.is_main)  # fmt: skip
         for i in bar:
             info, kind, bits = items[i]
             layer, st = den.get_submodule(info.name), stats.layers.get(info.name)

@@ -29,7 +29,6 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from qdiff.config.layer import LayerQuant
 from qdiff.config.plan import Plan
@@ -56,6 +55,7 @@ from qdiff.quant.modules import QuantConv2d, quant_module_for
 from qdiff.quant.ranges import static_qparams
 from qdiff.quant.transform import build_frozen_shells, layer_specs
 from qdiff.utils.finite import NonFiniteError, check_tensor
+from qdiff.utils.progress import progress_bar
 
 COPY_SUFFIXES = (".safetensors", ".json", ".txt", ".model")  # .model: a sentencepiece vocabulary (protobuf data)
 
@@ -272,7 +272,7 @@ class _Job:
     def write(self, reader: CheckpointReader, folder: Path, max_shard_bytes: float, progress: bool) -> str:
         """Stream every output tensor into ``folder``; returns the file a reader opens (single file or index)."""
         writer = ShardedWriter(folder, WEIGHTS_FILE, self.out_specs, max_shard_bytes, WEIGHTS_METADATA)
-        bar = tqdm(total=len(self.specs), desc="quantizing layers", unit="layer", disable=not progress, leave=False)
+        bar = progress_bar(total=len(self.specs), desc="quantizing layers", unit="layer", enabled=progress)
         try:
             for name, quantized in self.order:
                 if quantized:

@@ -11,9 +11,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from qdiff.config.sections import SamplerConfig
+from qdiff.utils.progress import progress_bar
 
 
 def sampler_kwargs(sampler: SamplerConfig) -> dict:
@@ -61,7 +61,8 @@ def draw(
     out: list[Tensor] = []
     try:
         starts = range(0, len(prompts), batch_size)
-        for i, start in enumerate(tqdm(starts, desc=desc, disable=desc is None, leave=False, unit="batch")):
+        bar = progress_bar(starts, desc=desc or "", unit="batch", enabled=desc is not None)
+        for i, start in enumerate(bar):
             if on_batch is not None:
                 on_batch(i)
             gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds[start : start + batch_size]]

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from qdiff.config.recipe import QSchedConfig
 from qdiff.distributed.env import current
@@ -31,6 +30,7 @@ from qdiff.errors import QdiffError
 from qdiff.sched import params, search
 from qdiff.sched.jaq import jaq
 from qdiff.sched.qsched import Schedule
+from qdiff.utils.progress import progress_bar
 
 ROUND = 5  # decimals of the coefficients that key the cache (images are drawn with the rounded values)
 LOG_VERSION = 1
@@ -200,8 +200,8 @@ def fit(
     state = {"gens": 0, "new": 0, "evals": 0, "best": -math.inf, "theta": None}
     seen: set[str] = set()
     curve: list[tuple[int, float]] = []
-    bar = tqdm(total=budget + (0 if cfg.optimiser != "grid" else num_fit), desc="Q-Sched fit", unit="img",
-               disable=not progress, leave=False)  # fmt: skip
+    bar = progress_bar(total=budget + (0 if cfg.optimiser != "grid" else num_fit), desc="Q-Sched fit", unit="img",
+                       enabled=progress)  # fmt: skip
 
     def scores(sched: Schedule, split: str, n: int) -> float:
         key = coefficient_key(split, sched)
