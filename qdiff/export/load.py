@@ -7,7 +7,6 @@ place, so no state dict sits beside the model and peak memory is about the model
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -16,7 +15,8 @@ from qdiff.backends.registry import REGISTRY
 from qdiff.config.plan import Plan
 from qdiff.config.recipe import Recipe
 from qdiff.errors import QdiffError
-from qdiff.export.checkpoint import CheckpointReader, open_checkpoint
+from qdiff.export.checkpoint import MODEL_INDEX, CheckpointReader, open_checkpoint
+from qdiff.export.checks import check_model_index, inside, json_object
 from qdiff.export.manifest import MANIFEST, read_layers, read_manifest, verify_files
 from qdiff.export.pretrained import attach_save, attach_text_encoder_save
 from qdiff.models.families import current_registry
@@ -42,6 +42,12 @@ def _denoiser_class(name: str, attr: str, source: Path):
     return cls
 
 
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {first}"[:limit]
+
+
 def check_finite(tensors: dict[str, torch.Tensor], source: Path) -> None:
     """Refuse NaN/Inf in any floating tensor (weights, scales, biases); the error names the file and tensor."""
     for key, t in tensors.items():
@@ -54,10 +60,7 @@ def check_finite(tensors: dict[str, torch.Tensor], source: Path) -> None:
 def _weights_reader(folder: Path, weights: str) -> CheckpointReader:
     """Open the denoiser tensors the manifest names: one ``.safetensors`` file or a ``.safetensors.index.json``
     whose shards sit beside it (headers only; hashes were checked by ``verify_files``)."""
-    rel = Path(weights)
-    if rel.is_absolute() or ".." in rel.parts or not rel.parts:
-        raise QdiffError(f"{folder / MANIFEST}: denoiser.weights {weights!r} is not a path inside the export")
-    path = folder / rel
+    path = inside(folder, weights, f"{folder / MANIFEST}: denoiser.weights")
     if not path.name.endswith((".safetensors", ".safetensors.index.json")):
         raise QdiffError(f"{path}: not a .safetensors file or a .safetensors.index.json")
     return open_checkpoint(path)
@@ -113,13 +116,16 @@ def load_denoiser(folder: Path, manifest: dict, device: torch.device | str | Non
     den_info = manifest["denoiser"]
     attr = den_info.get("attr")
     cls = _denoiser_class(str(den_info.get("class")), attr, folder / MANIFEST)  # before any path is built
-    config_path = folder / str(attr) / "config.json"
+    config_path = inside(folder, attr, f"{folder / MANIFEST}: denoiser.attr") / "config.json"
     try:
-        config = json.loads(config_path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        config = json_object(config_path, config_path.read_bytes())
+    except OSError as exc:
         raise QdiffError(f"{config_path}: cannot read denoiser config ({exc})") from None
-    with init_empty_weights(include_buffers=False):
-        den = cls.from_config(config)
+    try:
+        with init_empty_weights(include_buffers=False):
+            den = cls.from_config(config)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        raise QdiffError(f"{config_path}: does not build a {cls.__name__} ({_one_line(exc)})") from None
     specs, bos = read_layers(manifest, folder / MANIFEST)  # versioned layer specs; errors name the layer
     try:
         build_frozen_shells(den, specs, bos)
@@ -143,10 +149,14 @@ def fill_denoiser(den: torch.nn.Module, folder: Path, weights: str, device=None)
         den.to(device)  # the small non-persistent buffers built with the architecture
 
 
-def _finish(den: torch.nn.Module, manifest: dict, kernel: str | None = None) -> Recipe:
-    """Kernel preference (``kernel``, else the recipe's) and QuantInfo from the manifest; returns the recipe."""
-    recipe = Recipe.from_dict(manifest.get("recipe") or {})
-    plan = Plan.from_dict(manifest["plan"]) if manifest.get("plan") else None
+def _finish(den: torch.nn.Module, manifest: dict, kernel: str | None = None, source: Path | str = MANIFEST) -> Recipe:
+    """Kernel preference (``kernel``, else the recipe's) and QuantInfo from the manifest (``source``, named in
+    errors); returns the recipe."""
+    try:
+        recipe = Recipe.from_dict(manifest.get("recipe") or {})
+    except QdiffError as exc:
+        raise QdiffError(f"{source}: {exc}") from None
+    plan = Plan.from_dict(manifest["plan"], source=f"{source}: plan") if manifest.get("plan") else None
     preference = recipe.kernel if kernel is None else kernel  # checked by the caller before any work
     for module in den.modules():
         if hasattr(module, "kernel"):
@@ -166,7 +176,7 @@ def load_denoiser_export(
         REGISTRY.check(kernel)  # before any work
     verify_files(folder, manifest)
     den = load_denoiser(folder, manifest, device)
-    _finish(den, manifest, kernel)
+    _finish(den, manifest, kernel, folder / MANIFEST)
     return den
 
 
@@ -184,9 +194,12 @@ def load_export(path: str | Path, device: str | torch.device | None = None, kern
             f"{folder}: this export holds only the denoiser (quantized from a model folder, no VAE / text encoders / "
             "scheduler); load it with qdiff.export.load.load_denoiser_export, or stream a pipeline folder"
         )
-    verify_files(folder, manifest)
+    docs = verify_files(folder, manifest)  # every file hashed once; the JSON ones parsed (objects)
+    if MODEL_INDEX not in docs:
+        raise QdiffError(f"{folder / MODEL_INDEX}: missing (a pipeline export has one)")
+    check_model_index(folder / MODEL_INDEX, docs[MODEL_INDEX])  # what diffusers reads first, checked first
     den = load_denoiser(folder, manifest, device)
-    _finish(den, manifest, kernel)
+    _finish(den, manifest, kernel, folder / MANIFEST)
     from diffusers import DiffusionPipeline
 
     from qdiff.config.dtypes import as_torch_dtype, dtype_kwargs
@@ -201,9 +214,8 @@ def load_export(path: str | Path, device: str | torch.device | None = None, kern
         pipe = DiffusionPipeline.from_pretrained(
             str(folder), **{attr: den}, **encoders, local_files_only=True, use_safetensors=True, **dtype
         )
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise QdiffError(f"{folder}: cannot load the pipeline components ({first})") from None
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:  # a malformed config
+        raise QdiffError(f"{folder}: cannot load the pipeline components ({_one_line(exc)})") from None
     _apply_schedule(pipe, folder, manifest)
     if device is not None:
         pipe.to(device)  # the other parts; the denoiser is there already

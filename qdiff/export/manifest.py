@@ -19,6 +19,7 @@ from typing import Any
 
 from qdiff.config.layer import LayerQuant
 from qdiff.errors import QdiffError
+from qdiff.export.checks import check_manifest, export_files, inside, json_object, parse_json, refuse_link
 
 MANIFEST = "qdiff.json"
 FORMAT = "qdiff-export"
@@ -46,7 +47,7 @@ def hash_tree(root: Path) -> dict[str, str]:
     return {
         p.relative_to(root).as_posix(): sha256_file(p)
         for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.relative_to(root).as_posix() != MANIFEST
     }
 
 
@@ -55,14 +56,11 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     path = folder / MANIFEST
     if not folder.is_dir():
         raise QdiffError(f"export folder {folder} not found")
+    if path.is_symlink():
+        refuse_link(folder, path)  # before it is read; a huggingface_hub cache entry passes
     if not path.is_file():
         raise QdiffError(f"{folder} is not a qdiff export (no {MANIFEST})")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise QdiffError(f"{path}: not valid JSON (line {exc.lineno})") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise QdiffError(f"{path}: cannot read ({exc})") from None
+    data = parse_json(path, _read(path))
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise QdiffError(f'{path}: not a qdiff export manifest (missing "format": "{FORMAT}")')
     version = data.get("format_version")
@@ -71,28 +69,43 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             f"{path}: format version {version!r} is not supported "
             f"(this qdiff reads {', '.join(map(str, READABLE_VERSIONS))})"
         )
-    for key in ("denoiser", "layers", "files"):
-        if not isinstance(data.get(key), dict):
-            raise QdiffError(f"{path}: field {key!r} missing or not a mapping")
+    check_manifest(folder, data, path)  # field types; every path it names stays inside the folder
     return data
 
 
-def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
-    """Refuse pickle-capable files, missing or unlisted files, and any sha256 mismatch; errors name the file."""
-    for p in sorted(folder.rglob("*")):
-        if p.is_file() and p.suffix.lower() in FORBIDDEN_SUFFIXES:
+def verify_files(folder: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Refuse links and special files (before any read), pickle-capable files, missing or unlisted files, any
+    sha256 mismatch and any ``.json`` file that is not a JSON object; errors name the file. Each file is read
+    once: hashed and, for JSON, parsed; returns the JSON documents by relative path."""
+    present = export_files(folder)  # nothing read yet: refuses symbolic links, FIFOs, devices
+    for p in present.values():
+        if p.suffix.lower() in FORBIDDEN_SUFFIXES:
             raise QdiffError(f"{p}: refusing to load a {p.suffix} file (qdiff loads only safetensors and JSON)")
+    present.pop(MANIFEST, None)
     listed: dict[str, str] = manifest["files"]
-    present = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST}
-    extra = sorted(present - set(listed))
+    for rel in listed:
+        inside(folder, rel, f"{folder / MANIFEST}: files")  # read_manifest checked it too
+    extra = sorted(set(present) - set(listed))
     if extra:
         raise QdiffError(f"{folder / extra[0]}: file is not listed in {MANIFEST} (added after export?)")
+    docs: dict[str, dict[str, Any]] = {}
     for rel, digest in listed.items():
-        path = folder / rel
-        if not path.is_file():
-            raise QdiffError(f"{path}: listed in {MANIFEST} but missing")
-        if sha256_file(path) != digest:
+        path = present.get(rel)
+        if path is None:
+            raise QdiffError(f"{folder / rel}: listed in {MANIFEST} but missing")
+        data = _read(path) if rel.endswith(".json") else None
+        if (sha256_file(path) if data is None else hashlib.sha256(data).hexdigest()) != digest:
             raise QdiffError(f"{path}: sha256 mismatch with {MANIFEST} (file was modified or corrupted)")
+        if data is not None:
+            docs[rel] = json_object(path, data)
+    return docs
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise QdiffError(f"{path}: cannot read ({exc})") from None
 
 
 def build_manifest(

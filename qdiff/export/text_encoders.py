@@ -7,13 +7,13 @@ config in ``config.json``) and listed with its mode.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from torch import nn
 
 from qdiff.config.layer import LayerQuant
 from qdiff.errors import QdiffError
+from qdiff.export.checks import inside, json_object
 from qdiff.export.manifest import WEIGHTS_FILE
 from qdiff.quant.text_encoders import CLIP_CLASSES, TEXT_ENCODER_ATTRS, require_bnb, text_encoder_mode
 from qdiff.quant.transform import build_frozen_shells, quantized_layers
@@ -56,13 +56,15 @@ def load_text_encoders(folder: Path, manifest: dict) -> dict[str, nn.Module]:
         import transformers
 
         cls = getattr(transformers, entry["class"])
+        weights = inside(folder, entry.get("weights"), f"{where}.weights")  # read_manifest checked it too
+        config_path = folder / attr / "config.json"
         try:
-            config = cls.config_class.from_dict(json.loads((folder / attr / "config.json").read_text()))
+            config = cls.config_class.from_dict(json_object(config_path, config_path.read_bytes()))
             with init_empty_weights(include_buffers=False):
                 encoder = cls(config)
             specs = {n: LayerQuant.from_dict(e["quant"]) for n, e in entry["layers"].items()}
             build_frozen_shells(encoder, specs, {n: e["bos"] for n, e in entry["layers"].items()})
-            tensors = load_file(str(folder / entry["weights"]), device="cpu")
+            tensors = load_file(str(weights), device="cpu")
             encoder.load_state_dict(tensors, strict=True, assign=True)
         except QdiffError:
             raise

@@ -27,6 +27,7 @@ import torch
 
 from qdiff.errors import QdiffError
 from qdiff.export.card import QUANT_METHOD
+from qdiff.export.checks import inside
 from qdiff.export.manifest import MANIFEST, read_layers, read_manifest, verify_files
 from qdiff.utils.lazy_imports import defer_bitsandbytes
 
@@ -142,14 +143,15 @@ class QdiffQuantizer(DiffusersQuantizer):
 
     # --- loading an export ------------------------------------------------------------------------------------
     def maybe_update_loaded_keys(self, loaded_keys: list[str], checkpoint_files: list[str]) -> list[str]:
-        """Every ``qdiff.load`` file check, before any tensor is read: manifest version, sha256, no pickle."""
+        """Every ``qdiff.load`` file check, before any tensor is read: manifest version and fields, no path or
+        symbolic link leading outside the export, sha256, no pickle."""
         if self.pre_quantized:
             if not checkpoint_files or not isinstance(checkpoint_files[0], str | Path):
                 raise QdiffError("qdiff: the export's tensors were not found (diffusion_pytorch_model index missing)")
             root = _export_root(Path(checkpoint_files[0]))
             manifest = read_manifest(root)
             verify_files(root, manifest)
-            weights = root / str(manifest["denoiser"].get("weights"))
+            weights = inside(root, manifest["denoiser"]["weights"], f"{root / MANIFEST}: denoiser.weights")
             if weights.parent.resolve() != Path(checkpoint_files[0]).parent.resolve():
                 raise QdiffError(f"{Path(checkpoint_files[0]).parent}: not the denoiser folder of {root / MANIFEST}")
             stored = manifest.get("torch_dtype", "float32")
@@ -201,7 +203,7 @@ def _fill_from_export(model: torch.nn.Module, root: Path, manifest: dict, device
     from qdiff.export.load import _finish, fill_denoiser
 
     fill_denoiser(model, root, str(manifest["denoiser"].get("weights")), device)
-    _finish(model, manifest)
+    _finish(model, manifest, source=root / MANIFEST)
     model.eval()
     if manifest.get("schedule") is not None:  # pipeline-level: diffusers loads the plain scheduler
         warnings.warn(
