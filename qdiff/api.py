@@ -172,16 +172,27 @@ def save(pipe, out_dir: str | Path, overwrite: bool = False) -> Path:
     return save_quantized(pipe, out_dir, overwrite=overwrite)
 
 
-def load(path: str | Path, device: str | None = None, kernel: str | None = None):
+def load(path: str | Path, device: str | None = None, kernel: str | None = None, *, dtype=None):
     """Load an export folder into a ready pipeline (no network, no original checkpoint needed).
 
-    ``kernel``: backend preference of the frozen layers instead of the export recipe's (``auto``, ``cpu_int8``,
-    ``triton``, ``torch``); ``"torch"`` keeps no prepacked int8 copy beside the stored codes (least memory, slower).
+    The pipeline is placed as every qdiff command places it (:func:`qdiff.export.resolve.place`): on CPU (the
+    default ``device``) every float part of every component runs in ONE compute dtype — a float32 export stays
+    float32, a float16 one runs in bfloat16 on CPUs with native bf16 matmuls, else float32; on another device the
+    stored dtypes are kept. ``dtype`` (``torch.bfloat16``, ``"float32"``, ...) overrides (``"float16"`` keeps a
+    float16 export as stored, e.g. to save it again unchanged). Quantized layers keep their integer codes and fp32
+    scales. ``kernel``: backend preference of the frozen layers instead of the export recipe's (``auto``,
+    ``cpu_int8``, ``triton``, ``torch``); ``"torch"`` keeps no prepacked int8 copy beside the stored codes (least
+    memory, slower).
     """
+    from qdiff.config.dtypes import as_torch_dtype
     from qdiff.export.load import load_export
+    from qdiff.export.resolve import place
 
+    dtype = as_torch_dtype(dtype)  # a bad name fails before any work
     defer_bitsandbytes()  # diffusers would import it (and print its notices) although nothing here uses it
-    return load_export(path, device=device, kernel=kernel)
+    pipe = load_export(path, device=device, kernel=kernel)
+    place(pipe, device or "cpu", dtype)
+    return pipe
 
 
 def fit_schedule(

@@ -52,7 +52,8 @@ def _add_eval(sub) -> None:
         "--dtype",
         choices=("float32", "float16", "bfloat16"),
         default=None,
-        help="compute dtype of the float parts of every model (default on CPU: float32)",
+        help="compute dtype of the float parts of every model (default on CPU: float32, or bfloat16 for a float16 "
+        "model on a CPU with native bf16)",
     )
     p.add_argument(
         "--peers",

@@ -3,6 +3,7 @@
     python scripts/make_real_checkpoint.py --family sdxl --out /work/scratch/sdxl-real           # fp16, 5.1 GB
     python scripts/make_real_checkpoint.py --family flux --out /work/scratch/flux-real           # bf16, 23.8 GB
     python scripts/make_real_checkpoint.py --family sd15 --config-json tiny.json --out /tmp/tiny --max-shard-gb 0.001
+    python scripts/make_real_checkpoint.py --family sdxl --pipeline --out /work/scratch/sdxl-fp16-pipe  # + 80 MB
 
 For testing streaming quantization (issue #11) without downloading weights. The denoiser is built on the meta
 device from the config (written below, copied from the published ``config.json`` files); its state_dict gives names,
@@ -20,6 +21,11 @@ Output, the diffusers layout: ``OUT/{unet|transformer}/config.json`` and either 
 subfolder=...)`` loads it. ``--single-file`` writes all tensors into one file: ``OUT`` itself when it ends in
 ``.safetensors``, else ``OUT/{sub}/diffusion_pytorch_model.safetensors`` (+ config.json). Keys are always diffusers
 names (what ``save_pretrained`` writes), not the original-repo names that diffusers' ``from_single_file`` expects.
+
+``--pipeline`` (SDXL-style UNets) makes ``OUT`` a whole pipeline folder in the same dtype: beside ``unet/``, the tiny
+SDXL pipeline's text encoders, tokenizers, VAE and scheduler, sized to drive the UNet
+(``qdiff.models.tiny.tiny_sdxl_parts_for``: 2 layers per encoder, ~40 M parameters), and a ``model_index.json``
+naming them all, so ``DiffusionPipeline.from_pretrained(OUT)`` and ``qdiff quantize --model OUT`` take it.
 """
 
 from __future__ import annotations
@@ -190,6 +196,24 @@ def verify(target: Path, model: torch.nn.Module, dtype: torch.dtype) -> None:
                 raise SystemExit(f"error: {target}: {s.name} reads back as {got}, expected {s.shape} {s.dtype}")
 
 
+def write_pipeline_parts(folder: Path, cls_name: str, config: dict[str, Any], dtype: torch.dtype, seed: int) -> None:
+    """Everything of an SDXL pipeline folder but its UNet, in ``dtype``; ``model_index.json`` names the UNet too."""
+    from qdiff.errors import QdiffError
+    from qdiff.models.tiny import tiny_sdxl_parts_for
+
+    if cls_name != "UNet2DConditionModel" or config.get("addition_embed_type") != "text_time":
+        raise SystemExit(f"error: --pipeline needs an SDXL-style UNet (text_time conditioning), not this {cls_name}")
+    try:
+        pipe = tiny_sdxl_parts_for(config, seed).to(dtype=dtype)
+    except QdiffError as exc:
+        raise SystemExit(f"error: --pipeline: {exc}") from None
+    pipe.save_pretrained(folder, safe_serialization=True)
+    index_path = folder / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index[subfolder_of(cls_name)] = ["diffusers", cls_name]
+    index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
 def _load_config(args: argparse.Namespace) -> tuple[str, str, dict[str, Any]]:
     family = FAMILIES[args.family]
     if args.config_json is None:
@@ -208,6 +232,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="shard size limit in 10^9 bytes (default 5)")
     p.add_argument("--single-file", action="store_true", help="one .safetensors file, diffusers key names")
     p.add_argument("--config-json", type=Path, help="use this config.json instead of the family's published one")
+    p.add_argument(
+        "--pipeline",
+        action="store_true",
+        help="sdxl: also the tiny SDXL text encoders, tokenizers, VAE, scheduler and model_index.json",
+    )
     p.add_argument("--no-progress", action="store_true")
     return p.parse_args(argv)
 
@@ -221,6 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if out.suffix == ".safetensors" and not args.single_file:
         raise SystemExit("error: --out is a .safetensors file; add --single-file (or give a folder)")
     start = time.perf_counter()
+    if args.pipeline:
+        if out.suffix == ".safetensors" or args.single_file:
+            raise SystemExit("error: --pipeline writes a pipeline folder; drop --single-file")
+        write_pipeline_parts(args.out, cls_name, config, dtype, args.seed)  # small; checks the config first
     summary = write_checkpoint(model, out, dtype, args.seed, int(args.max_shard_gb * GB), args.single_file,
                                progress=not args.no_progress)  # fmt: skip
     verify(out, model, dtype)

@@ -226,7 +226,7 @@ def test_size_line_shows_float16_checkpoint_and_float32_copy(fp16_folder, tmp_pa
               "--in-memory"])
         == 0
     )  # fmt: skip
-    q16 = module_nbytes(qdiff.load(out16).unet)
+    q16 = module_nbytes(qdiff.load(out16, dtype="float16").unet)  # as stored (on CPU load picks bf16 or fp32)
     assert _size_line(capsys.readouterr().out) == (
         f"denoiser   {ck / mib:.2f} MiB float16 checkpoint -> {q16 / mib:.2f} MiB quantized "
         f"({q16 / ck:.3f}x the checkpoint)"

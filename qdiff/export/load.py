@@ -210,10 +210,13 @@ def load_export(path: str | Path, device: str | torch.device | None = None, kern
     encoders = load_text_encoders(folder, manifest)  # W8A8 CLIP encoders (optional manifest field)
     for encoder in encoders.values():
         attach_text_encoder_save(encoder)
+    from qdiff.models.autoencoder_tiny import quiet_tiny_vae
+
     try:
-        pipe = DiffusionPipeline.from_pretrained(
-            str(folder), **{attr: den}, **encoders, local_files_only=True, use_safetensors=True, **dtype
-        )
+        with quiet_tiny_vae():  # diffusers' two false alarms about a Shapes (AutoencoderTiny) VAE
+            pipe = DiffusionPipeline.from_pretrained(
+                str(folder), **{attr: den}, **encoders, local_files_only=True, use_safetensors=True, **dtype
+            )
     except (OSError, ValueError, TypeError, KeyError, AttributeError, IndexError) as exc:  # a malformed config
         raise QdiffError(f"{folder}: cannot load the pipeline components ({_one_line(exc)})") from None
     _apply_schedule(pipe, folder, manifest)

@@ -51,10 +51,13 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
 def _from_pretrained(source: str, torch_dtype, cache_dir=None):
     from diffusers import DiffusionPipeline
 
+    from qdiff.models.autoencoder_tiny import quiet_tiny_vae
+
     extra = dtype_kwargs(torch_dtype)
     if cache_dir is not None:
         extra["cache_dir"] = str(cache_dir)
-    pipe = DiffusionPipeline.from_pretrained(source, local_files_only=True, use_safetensors=True, **extra)
+    with quiet_tiny_vae():  # diffusers' two false alarms about a Shapes (AutoencoderTiny) VAE
+        pipe = DiffusionPipeline.from_pretrained(source, local_files_only=True, use_safetensors=True, **extra)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -167,12 +170,27 @@ def place(pipe, device="cpu", dtype=None):
     else:
         target = as_torch_dtype(dtype) if dtype is not None else None
     for module in modules:
-        prequantized = getattr(getattr(module, "config", None), "quantization_config", None) is not None
-        if target is None or prequantized:  # bitsandbytes T5: its own dtypes, moved only
+        if target is None or _foreign_quantized(module):  # bitsandbytes T5: its own dtypes, moved only
             module.to(dev)
         else:
             _cast(module, dev, target)
     return target if target is not None else (next(iter(present)) if len(present) == 1 else None)
+
+
+def _foreign_quantized(module) -> bool:
+    """Whether ``module`` was quantized by another library (bitsandbytes, ...), which owns its dtypes.
+
+    A qdiff denoiser's config also carries a ``quantization_config`` (``quant_method: "qdiff"``, written into every
+    export for the diffusers backend), but its frozen layers keep their codes and fp32 scales under ``.to(dtype)``
+    (``QuantLayer._apply``) and its float parts must follow the compute dtype like any other float module.
+    """
+    config = getattr(getattr(module, "config", None), "quantization_config", None)
+    if config is None:
+        return False
+    from qdiff.export.card import QUANT_METHOD
+
+    method = config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+    return method != QUANT_METHOD
 
 
 def _cast(module, device, dtype) -> None:

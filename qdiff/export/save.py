@@ -36,6 +36,7 @@ from qdiff.export.manifest import (
 )
 from qdiff.export.shards import ShardedWriter, TensorSpec
 from qdiff.models.adapters import find_denoiser, get_adapter
+from qdiff.models.autoencoder_tiny import clean_config
 from qdiff.quant.transform import get_info, quantized_layers
 
 
@@ -128,6 +129,7 @@ def _write(pipe, attr: str, den, info, tmp: Path, max_shard_bytes: float) -> Non
         if hasattr(component, "save_pretrained"):
             kwargs = {"safe_serialization": True} if isinstance(component, torch.nn.Module) else {}
             component.save_pretrained(tmp / name, **kwargs)
+            clean_config(tmp / name)  # no key diffusers itself adds and then rejects (AutoencoderTiny)
     pipe.save_config(tmp)  # model_index.json
     (tmp / attr).mkdir()
     den.save_config(tmp / attr)  # config.json of the float architecture

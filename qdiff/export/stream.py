@@ -14,8 +14,9 @@ Tensors go straight into planned safetensors shards (:mod:`qdiff.export.shards`)
 layer. The export equals ``qdiff.quantize`` + ``qdiff.save`` of the same pipeline loaded in the checkpoint's dtype
 (``load_pipeline(src, torch_dtype=dtype)`` with ``dtype``), tensor for tensor and byte for byte. Other pipeline
 parts are copied file by file (safetensors / JSON / text / sentencepiece), except the scheduler, re-saved with the
-recipe's sampler swap. A denoiser folder or a single ``.safetensors`` file gives a denoiser-only export (manifest
-``denoiser_only: true``).
+recipe's sampler swap, and an ``AutoencoderTiny`` config, written without the key diffusers adds and then rejects
+(``qdiff.models.autoencoder_tiny``), as ``qdiff.save`` writes it. A denoiser folder or a single ``.safetensors``
+file gives a denoiser-only export (manifest ``denoiser_only: true``).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from qdiff.export.manifest import (
 from qdiff.export.save import atomic_folder
 from qdiff.export.shards import ShardedWriter, TensorSpec
 from qdiff.models.adapters import get_adapter
+from qdiff.models.autoencoder_tiny import clean_config
 from qdiff.models.families import current_registry
 from qdiff.quant.modules import QuantConv2d, quant_module_for
 from qdiff.quant.ranges import static_qparams
@@ -392,6 +394,7 @@ class _PipelineParts:
         for name in self.components:
             if name != "scheduler":
                 _copy_component(self.folder / name, tmp / name)
+                clean_config(tmp / name)  # as qdiff.save writes it: no key diffusers adds and rejects
                 continue
             library, cls_name = index[name]
             scheduler_cls = getattr(diffusers, str(cls_name), None)

@@ -160,15 +160,10 @@ def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "euler"):
     """An SDXL-shaped pipeline: two CLIP encoders (hidden 32 each, concatenated to 64), linear
     proj_in/proj_out, ``text_time`` added conditioning, trailing Euler. Runs with ``guidance_scale=0``.
     """
-    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
-    sched = make_scheduler(scheduler)
-    tokenizer = build_clip_tokenizer(TINY_WORDS)
-    tokenizer_2 = build_clip_tokenizer(TINY_WORDS)
-    text_encoder = _clip_text_encoder(tokenizer, seed + 1)
-    projection_dim = 32
-    text_encoder_2 = _clip_text_encoder(tokenizer_2, seed + 3, projection_dim=projection_dim)
-    time_dim = 8
+    time_dim, projection_dim = 8, 32
+    text = _sdxl_text_encoders(seed, cross_attention_dim=64, pooled_dim=projection_dim)
     with _seeded(seed):
         unet = UNet2DConditionModel(
             sample_size=32,
@@ -180,7 +175,7 @@ def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "euler"):
             layers_per_block=1,
             transformer_layers_per_block=(1, 2),
             norm_num_groups=8,
-            cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+            cross_attention_dim=text["text_encoder"].config.hidden_size + text["text_encoder_2"].config.hidden_size,
             attention_head_dim=(4, 8),
             use_linear_projection=True,
             addition_embed_type="text_time",
@@ -188,15 +183,55 @@ def tiny_sdxl_pipeline(seed: int = 0, scheduler: str = "euler"):
             # 6 micro-conditions (original size, crop top-left, target size) + the pooled text embedding.
             projection_class_embeddings_input_dim=6 * time_dim + projection_dim,
         )
-    vae = _vae(seed + 2, scaling=0.13025)
+    return _sdxl_pipeline(seed, scheduler, text, _finish(unet))
+
+
+def tiny_sdxl_parts_for(unet_config: Mapping, seed: int = 0, scheduler: str = "euler"):
+    """The tiny SDXL pipeline's text encoders, tokenizers, VAE and scheduler, sized to drive a UNet with
+    ``unet_config`` (e.g. the published SDXL config, ``qdiff.models.published.SDXL_UNET``), with no UNet.
+
+    The two encoders' hidden sizes add up to ``cross_attention_dim``; the second is as wide as its projection, the
+    pooled embedding, which is what ``projection_class_embeddings_input_dim`` leaves after the 6 time ids of
+    ``addition_time_embed_dim`` each (SDXL: 2048 = 768 + 1280, 2816 = 1280 + 6 * 256).
+    """
+    try:
+        cross = int(unet_config["cross_attention_dim"])
+        pooled = int(unet_config["projection_class_embeddings_input_dim"]) - 6 * int(
+            unet_config["addition_time_embed_dim"]
+        )
+        channels = (int(unet_config["in_channels"]), int(unet_config["out_channels"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise QdiffError(f"not an SDXL UNet config (text_time conditioning): {exc!r}") from None
+    first = cross - pooled
+    if min(first, pooled) <= 0 or first % 4 or pooled % 4 or channels != (4, 4):
+        raise QdiffError(
+            f"no tiny SDXL encoders fit this UNet: cross_attention_dim {cross} and pooled width {pooled} must leave "
+            f"two positive widths divisible by 4, and the latents must have 4 channels (got {channels})"
+        )
+    return _sdxl_pipeline(seed, scheduler, _sdxl_text_encoders(seed, cross, pooled), None)
+
+
+def _sdxl_text_encoders(seed: int, cross_attention_dim: int, pooled_dim: int) -> dict:
+    """Two tiny CLIP encoders (and tokenizers) whose hidden sizes add up to ``cross_attention_dim``; the second is
+    ``pooled_dim`` wide and projects to ``pooled_dim``."""
+    tokenizer = build_clip_tokenizer(TINY_WORDS)
+    tokenizer_2 = build_clip_tokenizer(TINY_WORDS)
+    return {
+        "tokenizer": tokenizer,
+        "tokenizer_2": tokenizer_2,
+        "text_encoder": _clip_text_encoder(tokenizer, seed + 1, hidden=cross_attention_dim - pooled_dim),
+        "text_encoder_2": _clip_text_encoder(tokenizer_2, seed + 3, hidden=pooled_dim, projection_dim=pooled_dim),
+    }
+
+
+def _sdxl_pipeline(seed: int, scheduler: str, text: dict, unet):
+    from diffusers import StableDiffusionXLPipeline
+
     pipe = StableDiffusionXLPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=_finish(unet),
-        scheduler=sched,
+        vae=_vae(seed + 2, scaling=0.13025),
+        **text,
+        unet=unet,
+        scheduler=make_scheduler(scheduler),
         force_zeros_for_empty_prompt=True,
         add_watermarker=False,
     )

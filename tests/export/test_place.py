@@ -60,3 +60,27 @@ def test_scales_stay_float32_and_outputs_match_under_bf16():
     # same integer GEMM and fp32 epilogue; only the bias (now bf16) and the final cast differ
     bias_delta = (layer.bias.detach() - layer.bias.detach().to(torch.bfloat16).float()).abs().max()
     assert (out.float() - reference).abs().max() <= bias_delta + reference.abs().max() * 2**-8
+
+
+def test_place_casts_qdiff_quantized_modules_but_not_foreign_ones():
+    """A qdiff denoiser's config carries ``quantization_config`` (quant_method "qdiff", for the diffusers backend):
+    its float parts follow the compute dtype; a module quantized by another library keeps its own dtypes."""
+    from types import SimpleNamespace
+
+    from qdiff.integrations.diffusers import QdiffConfig
+
+    def module(quantization_config) -> nn.Module:
+        m = nn.Linear(4, 4).to(torch.float16)
+        m.config = SimpleNamespace(quantization_config=quantization_config)
+        return m
+
+    parts = {
+        "qdiff_dict": module({"quant_method": "qdiff", "format_version": 2, "recipe": "w8a8"}),
+        "qdiff_object": module(QdiffConfig(recipe="w8a8")),
+        "plain": module(None),
+        "bnb": module({"quant_method": "bitsandbytes", "load_in_4bit": True}),
+    }
+    assert place(SimpleNamespace(components=parts), "cpu", "float32") == torch.float32
+    assert {name: m.weight.dtype for name, m in parts.items()} == {
+        "qdiff_dict": torch.float32, "qdiff_object": torch.float32, "plain": torch.float32, "bnb": torch.float16,
+    }  # fmt: skip
