@@ -328,9 +328,10 @@ def cmd_inspect(args) -> int:
 def _resident_line(folder: Path) -> str:
     """Load the export on CPU, run one 1-step image so every layer meets its backend, and measure what stays."""
     import dataclasses
+    import resource
 
-    from qdiff.backends.cpu_int8 import resident_nbytes
-    from qdiff.eval.size import module_nbytes
+    from qdiff.backends.registry import recording
+    from qdiff.eval.size import resident_bytes
     from qdiff.export.resolve import load_pipeline, place
     from qdiff.models.adapters import find_denoiser
     from qdiff.quant.transform import get_info
@@ -340,13 +341,21 @@ def _resident_line(folder: Path) -> str:
     dtype = place(pipe, "cpu")
     den = find_denoiser(pipe)[1]
     sampler = dataclasses.replace(get_info(den).recipe.sampler, steps=1)
-    draw(pipe, ["a test prompt"], [0], sampler, 1)
-    stored, extra = module_nbytes(den), resident_nbytes(den)
-    return (
-        f"resident   denoiser {stored / 2**20:.2f} MiB stored (codes, scales, float rest) + {extra / 2**20:.2f} MiB "
-        f"of int8 copies prepacked by cpu_int8 = {(stored + extra) / 2**20:.2f} MiB in memory on this CPU "
-        f"(float parts in {str(dtype).removeprefix('torch.')})"
-    )
+    with recording() as calls:
+        draw(pipe, ["a test prompt"], [0], sampler, 1)
+    ran = {name: sum(1 for n, _ in calls if n == name) for name in dict.fromkeys(n for n, _ in calls)}
+    res, mib = resident_bytes(den), 2**20
+    lines = [
+        f"resident   denoiser after a 1-step image on this CPU (float parts in {str(dtype).removeprefix('torch.')}; "
+        f"frozen calls: {', '.join(f'{k} x{v}' for k, v in ran.items()) or 'none'}): {res.in_memory / mib:.2f} MiB "
+        f"in memory vs {res.stored / mib:.2f} MiB with the codes as stored"
+    ]
+    for where, (layers, nbytes) in res.holders.items():
+        lines.append(f"resident   weight codes held as {where}: {layers} layers, {nbytes / mib:.2f} MiB")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    lines.append(f"resident   scales, float parameters and buffers: {res.rest / mib:.2f} MiB; this process (whole "
+                 f"pipeline, interpreter and imports): peak RSS {peak / mib:.0f} MiB")  # fmt: skip
+    return "\n".join(lines)
 
 
 def cmd_fit_schedule(args) -> int:

@@ -52,14 +52,11 @@ def _recipe(name: str):
 
 
 def _resident(module) -> int:
-    """Bytes of the module's parameters and buffers, each storage once."""
-    seen, total = set(), 0
-    for t in list(module.parameters()) + list(module.buffers()):
-        key = t.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
-            total += t.untyped_storage().nbytes()
-    return total
+    """Bytes the module holds: its tensors, each storage once, with cpu_int8's prepacked copy in place of a layer's
+    released codes (``qdiff.eval.size.resident_bytes``)."""
+    from qdiff.eval.size import resident_bytes
+
+    return resident_bytes(module).in_memory
 
 
 def _rss_now() -> int:
@@ -235,7 +232,7 @@ def table(results: dict[str, dict]) -> list[list[str]]:
     load = results.get("sdxl-load-w8a8", {})
     target = f"<= {_gib(load['resident_bytes'] + GIB)} (resident + 1 GiB)" if "resident_bytes" in load else ""
     row("sdxl-load-w8a8", "SDXL W8A8 export: load + one UNet call (1x4x32x32), kernel auto (cpu_int8)", "w8a8", target,
-        lambda r: _load_notes(r) + "; the call adds cpu_int8's prepacked int8 copy of every weight")  # fmt: skip
+        lambda r: _load_notes(r) + "; each layer's prepacked copy replaces its codes on the first call")  # fmt: skip
     row("sdxl-load-w8a8-torch", "SDXL W8A8 export: load + one UNet call, `qdiff.load(..., kernel=\"torch\")`", "w8a8",
         target, _load_notes)  # fmt: skip
     if "flux-skipped" in results:

@@ -14,8 +14,10 @@ int32 (:mod:`qdiff.backends.onednn`), and the fp32 epilogue keeps the reference 
 * Group-wise Conv2d (W4A8): uint8 im2col (:func:`qdiff.backends.int8_acts.im2col_u8`) and the group-wise GEMM.
 
 These kernels are only exact where the CPU has VNNI (or AMX); :func:`qdiff.backends.int8_gate.self_test` detects
-that, and :class:`CpuInt8Backend` runs it once per process through the registry before it is chosen. Prepacked
-weights are cached per weight tensor (:func:`qdiff.backends.onednn.cached`).
+that, and :class:`CpuInt8Backend` runs it once per process through the registry before it is chosen. The backend
+keeps each layer's prepacked weight in the layer's own slot (:mod:`qdiff.backends.prepacked`), where it becomes the
+layer's one resident copy of the weight. The functions below take a prepacked weight (``packed``) or prepack the
+codes they are given on every call.
 """
 
 from __future__ import annotations
@@ -26,18 +28,16 @@ from torch import Tensor
 from qdiff.backends.int8_acts import im2col_u8, quantize_act, to_channels_last, to_nchw
 from qdiff.backends.int8_gate import GATE_K, self_test
 from qdiff.backends.onednn import (
-    _PACK_CACHE,  # noqa: F401 (re-exported: tests inspect the cache)
     PackedConv,
     PackedLinear,
-    cached,
     int8_gemm,
     onednn_available,
     packed_matmul,
     prepack_conv,
     prepack_linear,
     qconv,
-    resident_nbytes,
 )
+from qdiff.backends.prepacked import held
 from qdiff.numerics.primitives import unpack_weight
 
 __all__ = [
@@ -56,7 +56,7 @@ __all__ = [
     "conv2d_w8a8_split",
     "conv2d_grouped",
     "self_test",
-    "resident_nbytes",
+    "prepacked_nbytes",
 ]
 
 
@@ -103,11 +103,11 @@ def linear_w8a8(
     """W8A8 Linear: x (..., K), int8 ``qweight`` (N, K), ``w_scale`` (N, 1) / (1, 1) -> (..., N) in x's dtype.
 
     ``a_mode``: ``dynamic`` (symmetric per token) or ``static`` (per-tensor ``a_scale``, ``a_zp``). Equal to the
-    reference ``linear`` of an 8-bit per-channel / per-tensor weight. ``packed`` defaults to a cached
-    :func:`prepack_linear`.
+    reference ``linear`` of an 8-bit per-channel / per-tensor weight. ``packed`` defaults to
+    :func:`prepack_linear` of ``qweight`` (made on every call).
     """
     if packed is None:
-        packed = cached("linear", (qweight, w_scale), (), lambda: prepack_linear(qweight, w_scale))
+        packed = prepack_linear(qweight, w_scale)
     return linear_packed(x, packed, bias, a_bits=a_bits, a_mode=a_mode, a_scale=a_scale, a_zp=a_zp)
 
 
@@ -128,17 +128,13 @@ def linear_w4a8(
 ) -> Tensor:
     """Group-wise W4A8 Linear: ``qweight`` packed int4 uint8 (N, ceil(K/2)) or int8 codes (N, K), scales (N, G).
 
-    Equal to the reference ``linear`` of that group-wise weight; the last group may be ragged. The cached
-    (or given) prepacked weight keeps the codes unpacked (one byte each), which ``scripts/bench_cpu_int8.py``
-    measured against unpacking per call.
+    Equal to the reference ``linear`` of that group-wise weight; the last group may be ragged. The prepacked weight
+    (``packed``, else made on every call) keeps the codes unpacked (one byte each), which
+    ``scripts/bench_cpu_int8.py`` measured against unpacking per call.
     """
     if packed is None:
-
-        def build() -> PackedLinear:
-            codes = qweight if qweight.dtype == torch.int8 else unpack_weight(qweight, w_bits, in_features)
-            return prepack_linear(codes, w_scale, group_size)
-
-        packed = cached("linear", (qweight, w_scale), (group_size, in_features), build)
+        codes = qweight if qweight.dtype == torch.int8 else unpack_weight(qweight, w_bits, in_features)
+        packed = prepack_linear(codes, w_scale, group_size)
     return linear_packed(x, packed, bias, a_bits=a_bits, a_mode=a_mode, a_scale=a_scale, a_zp=a_zp)
 
 
@@ -186,20 +182,15 @@ def _conv_codes_padded(x: Tensor, act: tuple, extra_pad: tuple[int, int, int, in
 
 
 def _packed_conv(qweight, w_scale, weight_shape, lo, hi, stride, pad, dilation, x_shape=None) -> PackedConv:
-    """Cached :class:`PackedConv` of input channels [lo, hi) of the weight (all of them: lo=0, hi=C)."""
+    """:class:`PackedConv` of input channels [lo, hi) of the weight (all of them: lo=0, hi=C)."""
     n, _, kh, kw = weight_shape
     shape = (n, hi - lo, kh, kw)
-    extra = (tuple(weight_shape), lo, hi, tuple(stride), pad, tuple(dilation))
-
-    def build() -> PackedConv:
-        return prepack_conv(qweight.reshape(weight_shape)[:, lo:hi], w_scale, shape, stride, pad, dilation, x_shape)
-
-    return cached("conv", (qweight, w_scale), extra, build)
+    return prepack_conv(qweight.reshape(weight_shape)[:, lo:hi], w_scale, shape, stride, pad, dilation, x_shape)
 
 
 def conv2d_w8a8(
     x: Tensor,
-    qweight: Tensor,
+    qweight: Tensor | None,
     w_scale: Tensor,
     bias: Tensor | None = None,
     *,
@@ -213,10 +204,11 @@ def conv2d_w8a8(
     a_zp: Tensor | None = None,
     packed: PackedConv | None = None,
 ) -> Tensor:
-    """W8A8 Conv2d (groups=1): x (B, C, H, W), int8 ``qweight`` (N, C*kh*kw), scales (N, 1) / (1, 1).
+    """W8A8 Conv2d (groups=1): x (B, C, H, W), int8 ``qweight`` (N, C*kh*kw) (None with ``packed``), scales (N, 1).
 
     Returns contiguous NCHW (B, N, Ho, Wo) in x's dtype, equal to the reference ``conv2d`` for 8-bit (or any
-    unpacked int8 codes) per-channel / per-tensor weights. Needs oneDNN ops (:func:`onednn_available`).
+    unpacked int8 codes) per-channel / per-tensor weights. Needs oneDNN ops (:func:`onednn_available`). ``packed``
+    defaults to :func:`prepack_conv` of ``qweight`` (made on every call).
     """
     pad, extra = _conv_geometry(padding, weight_shape, dilation)
     if packed is None:
@@ -227,7 +219,7 @@ def conv2d_w8a8(
 
 def conv2d_w8a8_split(
     x: Tensor,
-    qweight: Tensor,
+    qweight: Tensor | None,
     w_scale: Tensor,
     bias: Tensor | None = None,
     *,
@@ -246,7 +238,7 @@ def conv2d_w8a8_split(
 
     Static ``a_scale`` / ``a_zp`` have shape (2,), one per part. ``y = (acc_1 * s_w) * s_1 + (acc_2 * s_w) * s_2
     + b``, equal to the reference ``conv2d`` with a split activation spec (non-grouped weights); ``packed``: the
-    two parts' weights (input channels [0, split) and [split, C)).
+    two parts' weights (input channels [0, split) and [split, C)), else prepacked from ``qweight`` on every call.
     """
     pad, extra = _conv_geometry(padding, weight_shape, dilation)
     parts = ((0, split), (split, weight_shape[1]))
@@ -317,6 +309,8 @@ class CpuInt8Backend:
     Group-wise Conv2d weights run through :func:`conv2d_grouped` (uint8 im2col + the group-wise GEMM). Not covered
     (the reference runs them): weight-only layers, non-CPU tensors.
     Unavailable (self-test fails) without oneDNN's quantized ops or without exact int8 kernels (no VNNI).
+    The prepacked weights live in the calling layer's ``PackedWeight.slot`` (:func:`qdiff.backends.prepacked.held`),
+    where they become the layer's one copy of its codes.
     """
 
     name = "cpu_int8"
@@ -330,7 +324,7 @@ class CpuInt8Backend:
         return None if device.type == "cpu" else f"kernel 'cpu_int8' runs on CPU tensors, got one on {device.type}"
 
     def supports(self, op: str, x: Tensor, pw, act, geom) -> bool:
-        if act.bits is None or x.device.type != "cpu" or pw.codes.device.type != "cpu":
+        if act.bits is None or x.device.type != "cpu" or pw.device.type != "cpu":
             return False
         if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             return False
@@ -339,8 +333,8 @@ class CpuInt8Backend:
     @staticmethod
     def _packed_linear(pw) -> PackedLinear:
         group_size = pw.group_size if pw.grouped else None
-        key = (pw.bits, pw.k, group_size)
-        return cached("pw", (pw.codes, pw.scale), key, lambda: prepack_linear(pw.unpack(), pw.scale, group_size))
+        key = ("linear", pw.bits, pw.k, group_size)
+        return held(pw, key, lambda: prepack_linear(pw.unpack(), pw.scale, group_size))  # type: ignore[return-value]
 
     def linear(self, x: Tensor, pw, act, bias: Tensor | None) -> Tensor:
         packed = self._packed_linear(pw)
@@ -360,21 +354,24 @@ class CpuInt8Backend:
         parts = ((0, shape[1]),) if act.split is None else ((0, act.split), (act.split, shape[1]))
 
         def build() -> tuple[PackedConv, ...]:
-            w4 = pw.unpack().reshape(shape)
+            codes = pw.unpack()
+            hint = lambda lo, hi: (x.shape[0], hi - lo, *x.shape[2:])  # noqa: E731
             return tuple(
-                prepack_conv(
-                    w4[:, lo:hi],
-                    pw.scale,
-                    (shape[0], hi - lo, *shape[2:]),
-                    stride,
-                    pad,
-                    dilation,
-                    (x.shape[0], hi - lo, *x.shape[2:]),
-                )  # fmt: skip
-                for lo, hi in parts
+                _packed_conv(codes, pw.scale, shape, lo, hi, stride, pad, dilation, hint(lo, hi)) for lo, hi in parts
             )
 
-        packed = cached("pw_conv", (pw.codes, pw.scale), (pw.bits, shape, stride, pad, dilation, parts), build)
+        packed = held(pw, ("conv2d", pw.bits, shape, stride, pad, dilation, parts), build)
         if act.split is None:
-            return conv2d_w8a8(x, pw.codes, pw.scale, bias, **kw, **act_kw, packed=packed[0])
-        return conv2d_w8a8_split(x, pw.codes, pw.scale, bias, split=act.split, **kw, **act_kw, packed=packed)
+            return conv2d_w8a8(x, None, pw.scale, bias, **kw, **act_kw, packed=packed[0])  # type: ignore[index]
+        return conv2d_w8a8_split(x, None, pw.scale, bias, split=act.split, **kw, **act_kw, packed=packed)
+
+
+def prepacked_nbytes(module: torch.nn.Module) -> int:
+    """Bytes of the prepacked weights cpu_int8 holds in ``module``'s frozen layers (measured; 0 before their first
+    call). Once a layer's codes are released these are its only copy of the weight."""
+    total = 0
+    for m in module.modules():
+        value = getattr(getattr(m, "prepack_slot", None), "value", None)
+        if value is not None and value.backend == CpuInt8Backend.name:
+            total += value.nbytes()
+    return total

@@ -12,17 +12,17 @@
 Only exact where the CPU has VNNI (or AMX): see :mod:`qdiff.backends.int8_gate`.
 
 Prepacked weights (:class:`PackedLinear`, :class:`PackedConv`) come from :func:`prepack_linear` /
-:func:`prepack_conv`; :func:`cached` memoizes them per identity of the weight and scale tensors, rebuilt when their
-data pointer or version changes (``_PACK_CACHE``, the module's only mutable state: one entry per live weight, dropped
-by a weak-reference callback when the weight is freed, at most ``_PACK_CACHE_SIZE``).
+:func:`prepack_conv` and hold no reference to the codes they were made from: :func:`linear_codes` /
+:func:`conv_codes` give those codes back (oneDNN reorders its blocked int8 layout to the plain one: a permutation of
+the same bytes). Their ``nbytes`` is oneDNN's blocked size (``tests/backends`` checks it against the C allocator's
+bytes in use). Who keeps them is the caller's business (the cpu_int8 backend: the layer's
+:class:`~qdiff.numerics.packed.PrepackSlot`); this module has no state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import weakref
-from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -39,13 +39,11 @@ __all__ = [
     "prepack_linear",
     "prepack_conv",
     "packed_matmul",
-    "cached",
-    "resident_nbytes",
+    "linear_codes",
+    "conv_codes",
 ]
 
-_PACK_CACHE_SIZE = 4096  # prepacked layers kept (each about its int8 weight's bytes): more than a whole SDXL UNet
 _ACC_TILE_BYTES = 1 << 23  # group-wise Linear: fp32 accumulator bytes per row tile (measured 0.5-8 MiB, untiled)
-_PACK_CACHE: OrderedDict[tuple, tuple[tuple[weakref.ref, ...], tuple, object]] = OrderedDict()
 _T = TypeVar("_T")
 
 
@@ -106,7 +104,8 @@ class PackedLinear:
 
     ``weights[g]``: oneDNN packed (K_g, N) when ``kernel == "onednn"``, else int8 (K_g, N) contiguous;
     ``scales[g]``: fp32 (N,); ``bounds[g]``: the group's [lo, hi) columns of K; ``w_sums[g]``: int32 (N,) weight
-    code sums (the ``_int_mm`` path folds a static zero-point with them); ``wzp``: int64 zeros (N,).
+    code sums (only the ``_int_mm`` path, which folds a static zero-point with them; empty for oneDNN, which folds it
+    itself); ``wzp``: int64 zeros (N,).
     """
 
     n: int
@@ -123,8 +122,13 @@ class PackedLinear:
         return len(self.bounds) > 1
 
     def nbytes(self) -> int:
-        """Resident bytes of the weight codes (oneDNN's blocked layouts estimated: K rounded up to 4, N to 16)."""
-        return sum(_packed_bytes(w) for w in self.weights)
+        """Resident bytes: the weights (:func:`_packed_bytes`), scales, code sums and zero-points."""
+        extras = (*self.scales, *self.w_sums, self.wzp)
+        return sum(_packed_bytes(w) for w in self.weights) + sum(t.nbytes for t in extras)
+
+    def clone(self) -> PackedLinear:
+        """An independent copy (oneDNN tensors cannot be deep-copied, but they can be cloned)."""
+        return _cloned(self)
 
 
 @dataclass(frozen=True, eq=False)
@@ -140,58 +144,51 @@ class PackedConv:
     dilation: tuple[int, int]
 
     def nbytes(self) -> int:
-        """Resident bytes: one byte per weight code (oneDNN's blocked padding not counted) + the fp32 scales."""
-        return self.packed.numel() + self.scale.numel() * self.scale.element_size()
+        """Resident bytes: the packed weight (oneDNN's blocked layout: N rounded up to 16, C to 4; its int32
+        compensation per output) + the scales and zero-points."""
+        n, c, kh, kw = self.weight_shape
+        codes = math.ceil(n / 16) * 16 * math.ceil(c / 4) * 4 * kh * kw + 4 * n
+        return codes + self.scale.nbytes + self.wzp.nbytes
+
+    def clone(self) -> PackedConv:
+        """An independent copy (oneDNN tensors cannot be deep-copied, but they can be cloned)."""
+        return _cloned(self)
 
 
-def resident_nbytes(module) -> int:
-    """Bytes of the prepacked weight copies this backend holds for ``module``'s frozen layers, beside the stored
-    (packed) codes the module itself holds; 0 for a layer that has not run on this backend yet."""
-    ids = {id(t) for t in module.buffers()}
-    total = 0
-    for refs, _stamp, value in list(_PACK_CACHE.values()):
-        owner = refs[0]()
-        if owner is not None and id(owner) in ids:
-            total += sum(v.nbytes() for v in (value if isinstance(value, tuple) else (value,)))
-    return total
+def _cloned(obj: _T) -> _T:
+    """``obj`` (a frozen dataclass) with every tensor field, or tuple of tensors, cloned."""
+    changes = {}
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if isinstance(value, Tensor):
+            changes[f.name] = value.clone()
+        elif isinstance(value, tuple) and value and isinstance(value[0], Tensor):
+            changes[f.name] = tuple(t.clone() for t in value)
+    return dataclasses.replace(obj, **changes)  # type: ignore[type-var]
+
+
+def linear_codes(pl: PackedLinear) -> Tensor:
+    """The int8 codes (N, K) a :class:`PackedLinear` was made from, read back from its weights: the transposed view
+    of a new (K, N) tensor (one copy of the codes; ``.contiguous()`` makes a second)."""
+    parts = [w.to_dense() if w.is_mkldnn else w for w in pl.weights]  # (K_g, N) each
+    fresh = len(parts) == 1 and pl.weights[0].is_mkldnn  # to_dense made a new tensor; cat copies the others
+    return (parts[0] if fresh else torch.cat(parts, 0)).t()
+
+
+def conv_codes(parts: tuple[PackedConv, ...]) -> Tensor:
+    """The int8 codes (N, C*kh*kw) of a conv weight prepacked in input-channel parts (one part: the whole weight)."""
+    dense = [pc.packed.to_dense() for pc in parts]  # (N, C_i, kh, kw) each
+    w4 = dense[0] if len(dense) == 1 else torch.cat(dense, 1)
+    return w4.reshape(w4.shape[0], -1).contiguous()
 
 
 def _packed_bytes(w: Tensor) -> int:
+    """Bytes of one prepacked (K, N) weight: oneDNN's blocked layout (K rounded up to 4, N to 16) and its int32
+    compensation per output; a plain tensor's own bytes."""
     if w.is_mkldnn:
         k, n = w.shape
-        return math.ceil(k / 4) * 4 * math.ceil(n / 16) * 16
+        return math.ceil(k / 4) * 4 * math.ceil(n / 16) * 16 + 4 * n
     return w.numel() * w.element_size()
-
-
-def _version(t: Tensor) -> int:
-    try:
-        return t._version
-    except RuntimeError:  # inference tensors carry no version counter
-        return -1
-
-
-def cached(kind: str, tensors: tuple[Tensor, ...], extra: tuple, build: Callable[[], _T]) -> _T:
-    """``build()`` memoized per identity of ``tensors``; rebuilt when one's data pointer or version changed.
-
-    One entry per live weight: a weak-reference callback drops it when a key tensor is freed (no stale packed
-    copies), and the LRU bound ``_PACK_CACHE_SIZE`` caps it.
-    """
-    key = (kind, extra, *(id(t) for t in tensors))
-    stamp = tuple((t.data_ptr(), _version(t)) for t in tensors)
-    hit = _PACK_CACHE.get(key)
-    if hit is not None and hit[1] == stamp and all(ref() is t for ref, t in zip(hit[0], tensors)):
-        _PACK_CACHE.move_to_end(key)
-        return hit[2]  # type: ignore[return-value]
-    value = build()
-
-    def forget(_ref: weakref.ref, key: tuple = key) -> None:
-        _PACK_CACHE.pop(key, None)
-
-    _PACK_CACHE[key] = (tuple(weakref.ref(t, forget) for t in tensors), stamp, value)
-    _PACK_CACHE.move_to_end(key)
-    while len(_PACK_CACHE) > _PACK_CACHE_SIZE:
-        _PACK_CACHE.popitem(last=False)
-    return value
 
 
 def prepack_linear(
@@ -212,16 +209,14 @@ def prepack_linear(
     else:
         bounds = tuple((lo, min(lo + group_size, k)) for lo in range(0, k, group_size))
         scales = tuple(ws[:, g].clone() for g in range(len(bounds)))
-    weights, sums = [], []
-    for lo, hi in bounds:
-        part = qw[:, lo:hi]
-        sums.append(part.sum(dim=1, dtype=torch.int32))
-        if kernel == "onednn":
-            weights.append(torch.ops.onednn.qlinear_prepack(part.contiguous(), None))
-        else:
-            weights.append(part.t().contiguous())  # (K_g, N), a copy: no reference to the caller's tensor
+    sums = tuple(qw[:, lo:hi].sum(dim=1, dtype=torch.int32) for lo, hi in bounds) if kernel != "onednn" else ()
+
+    if kernel == "onednn":
+        weights = tuple(torch.ops.onednn.qlinear_prepack(qw[:, lo:hi].contiguous(), None) for lo, hi in bounds)
+    else:
+        weights = tuple(qw[:, lo:hi].t().contiguous() for lo, hi in bounds)  # (K_g, N) copies: no reference to qw
     wzp = torch.zeros(n, dtype=torch.long)
-    return PackedLinear(n, k, kernel, tuple(weights), scales, bounds, tuple(sums), wzp)
+    return PackedLinear(n, k, kernel, weights, scales, bounds, sums, wzp)
 
 
 def prepack_conv(

@@ -91,7 +91,7 @@ def _gemm(qa: Tensor, pw: PackedWeight, a_scale: Tensor, a_zp: Tensor | None, bi
     _, gemm = _kernels()
     w_sum = pw.code_sums() if a_zp is not None else None  # static: fold the zero-point (cached by the module)
     return gemm.gemm(
-        qa, pw.codes, a_scale, pw.scale, k=pw.k, w_bits=storage_bits(pw.bits), bias=bias, a_zp=a_zp,
+        qa, pw.stored_codes(), a_scale, pw.scale, k=pw.k, w_bits=storage_bits(pw.bits), bias=bias, a_zp=a_zp,
         w_sum=w_sum, group_size=pw.group_size, out_dtype=out_dtype,
     )  # fmt: skip
 

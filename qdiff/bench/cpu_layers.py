@@ -116,16 +116,15 @@ def _measure(name: str, layer: nn.Module, x: Tensor, schemes, rounds: int, budge
 
 
 def _sizes(name: str, variants: dict[str, Variant]) -> list[str] | None:
-    """Stored bytes (codes + scales) and cpu_int8's prepacked copy of the W8A8 and W4A8 layers (KiB), measured."""
-    from qdiff.backends.cpu_int8 import resident_nbytes
-
+    """Stored bytes (codes + scales) and what the W8A8 and W4A8 layers hold after running on cpu_int8 (KiB)."""
     cells = []
     for label in (f"W8A8 dynamic ({INT8})", f"W4A8 g64 ({INT8})"):
         if label not in variants:
             return None
-        pw = variants[label].module.packed_weight()
-        stored = pw.codes.nbytes + pw.scale.nbytes
-        cells += [f"{stored / 1024:,.0f}", f"{resident_nbytes(variants[label].module) / 1024:,.0f}"]
+        m = variants[label].module
+        stored = m.qweight.nbytes + m.w_scale.nbytes  # a released layer's placeholder keeps the stored shape
+        held = m.nbytes() - (m.bias.nbytes if m.bias is not None else 0)
+        cells += [f"{stored / 1024:,.0f}", f"{held / 1024:,.0f}"]
     return [name, *cells]
 
 
@@ -167,12 +166,13 @@ def layer_section(rounds: int, quick: bool, use_int8: bool) -> tuple[str, list[T
     rounds_run.append(r)
     text = _render(rows, min(rounds_run), max(rounds_run))
     if sizes:
-        cols = ["Linear M×K×N", "W8A8 stored KiB", "+ prepacked KiB", "W4A8 g64 stored (int4) KiB", "+ prepacked KiB"]
+        cols = ["Linear M×K×N", "W8A8 stored KiB", "resident KiB", "W4A8 g64 stored (int4) KiB", "resident KiB"]
         text += (
             "\n\nWeight bytes of the Linear layers above: stored = the module's codes and scales (what an export "
-            "holds), prepacked = the int8 copy cpu_int8 keeps beside them (`qdiff.backends.cpu_int8.resident_nbytes`, "
-            "measured after the first call). The unpack-per-call row above times the alternative W4A8 layout, with "
-            "only the int4 bytes resident.\n\n" + markdown_table(cols, sizes)
+            "holds); resident = what the layer holds after its first call on cpu_int8 (`QuantLayer.nbytes()`, bias "
+            "left out): the prepacked int8 copy, which replaced its own codes, and the scales. The unpack-per-call "
+            "row above times the alternative W4A8 layout, with only the int4 bytes resident.\n\n"
+            + markdown_table(cols, sizes)
         )
     return text, _targets(rows)
 

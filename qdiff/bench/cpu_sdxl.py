@@ -31,9 +31,9 @@ from qdiff.calib.metrics import sqnr_db
 from qdiff.config.dtypes import dtype_kwargs
 from qdiff.config.recipe import Recipe
 from qdiff.errors import QdiffError
+from qdiff.eval.size import resident_bytes
 from qdiff.models.adapters import get_adapter
 from qdiff.quant.transform import apply_specs, layer_specs, quantized_layers
-from qdiff.utils.nbytes import module_nbytes
 
 GIB = 2**30
 MEMORY_POLL_S, MEMORY_WAIT_S = 60, 1200
@@ -172,11 +172,7 @@ def _variant(folder: str, label: str, recipe: str | None, dt: torch.dtype, warm_
     facts = {"params": sum(p.numel() for p in unet.parameters()), "latent": tuple(args[0].shape),
              "text": tuple(kwargs["encoder_hidden_states"].shape),
              **{k: tuple(v.shape) for k, v in kwargs["added_cond_kwargs"].items()}}  # fmt: skip
-    resident = module_nbytes(unet)
-    if recipe is not None:
-        from qdiff.backends.cpu_int8 import resident_nbytes
-
-        resident += resident_nbytes(unet)
+    resident = resident_bytes(unet).in_memory  # a released layer: its prepacked copy, not its stored codes
     out = out.float()
     del unet
     _release()
@@ -227,8 +223,9 @@ def _render(rows: list[SdxlRow], folder: str, warm_calls: int, facts: dict) -> s
         "variant resident at a time; cold = the first call after loading (and quantizing), warm = best of "
         f"{warm_calls} calls after it. W8A8 = bundled `w8a8`; W4A8 = bundled `w4a8` (int4 group 64) with min-max "
         "weight ranges instead of its MSE search (the speed does not depend on how the ranges were chosen). "
-        "Quantized from the stored float16 weights. Resident = the UNet's tensors plus cpu_int8's prepacked "
-        "int8 copies. `= reference twin`: the cold output is `torch.equal` to the same UNet on the torch reference. "
+        "Quantized from the stored float16 weights. Resident = the UNet's tensors, with cpu_int8's prepacked int8 "
+        "copy in place of each layer's released codes (`qdiff.eval.size.resident_bytes`). `= reference twin`: the "
+        "cold output is `torch.equal` to the same UNet on the torch reference. "
         "load avg: the machine's 1-minute load average after the warm calls (above the core count, other jobs took "
         "CPU time from this variant)."
     )

@@ -201,3 +201,47 @@ def export_report(folder: Path, limit: int | None = 40) -> str:
         f"denoiser total    {q_total / 2**20:.3f} MiB vs {fp_total / 2**20:.3f} MiB float ({q_total / fp_total:.3f}x)",
     ]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ResidentBytes:
+    """Where a quantized denoiser's bytes are now, measured from the tensors it holds (:func:`resident_bytes`).
+
+    ``holders``: per place the weight codes of a quantized layer live (``stored codes``: the module's own tensor
+    in the export's layout; ``cpu_int8 prepacked``: the backend's copy, the module's own released; both, where a
+    copy could not give the codes back exactly) -> (layers, bytes); ``rest``: every other tensor (scales, float
+    parameters, buffers); ``stored``: ``rest`` plus every layer's codes in the export's layout.
+    """
+
+    stored: int
+    rest: int
+    holders: dict[str, tuple[int, int]]
+
+    @property
+    def in_memory(self) -> int:
+        return self.rest + sum(nbytes for _, nbytes in self.holders.values())
+
+
+def resident_bytes(denoiser: torch.nn.Module) -> ResidentBytes:
+    """Measure ``denoiser``: its tensors' bytes (each storage once, ``meta`` placeholders none) and each quantized
+    layer's codes where they are held, prepacked copies by their own account (oneDNN's blocked layout)."""
+    from qdiff.quant.modules import QuantLayer
+    from qdiff.utils.nbytes import storage_nbytes
+
+    codes: set[int] = set()
+    holders: dict[str, tuple[int, int]] = {}
+    stored_codes = 0
+    for m in denoiser.modules():
+        if not isinstance(m, QuantLayer) or m.state != "frozen":
+            continue
+        qweight, copy = m.qweight, m.prepack_slot.value
+        codes.add(id(qweight))
+        stored_codes += qweight.numel() * qweight.element_size()  # a placeholder keeps the stored shape and dtype
+        own = 0 if qweight.is_meta else qweight.nbytes
+        where = "stored codes" if copy is None else f"{copy.backend} prepacked"
+        where += "" if copy is None or qweight.is_meta else " + stored codes"
+        layers, nbytes = holders.get(where, (0, 0))
+        holders[where] = (layers + 1, nbytes + own + (0 if copy is None else copy.nbytes()))
+    tensors = [t for t in (*denoiser.parameters(), *denoiser.buffers()) if id(t) not in codes]
+    rest = storage_nbytes(tensors)
+    return ResidentBytes(rest + stored_codes, rest, holders)

@@ -7,18 +7,26 @@
   forward runs the integer op picked by :mod:`qdiff.backends.registry`.
 
 Both states compute the same function up to float rounding (tested).
+
+One resident copy of the codes: a backend that prepacks the codes in its own layout (cpu_int8) keeps that copy in
+the layer's ``prepack_slot``; after the call the layer checks that the copy gives its codes back bit for bit and
+then releases ``qweight`` (a ``meta`` placeholder of the stored shape and dtype stays, so names, shapes and order
+of the state dict do not change). ``state_dict``, ``dequantized_weight``, the reference backend, a move to another
+device and ``load_state_dict`` get the codes rebuilt from the copy (:meth:`QuantLayer.restore_codes`).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qdiff.backends import registry
+from qdiff.backends import heap, registry
 from qdiff.backends.acts import ActSpec, ConvGeometry, fake_act
 from qdiff.config.layer import LayerQuant
-from qdiff.numerics.packed import PackedWeight
+from qdiff.numerics.packed import PackedWeight, PrepackSlot
 from qdiff.numerics.primitives import compute_qparams, expand_group_param, fake_quantize, weight_minmax
 from qdiff.quant.observers import Observer, mse_weight_scale
 
@@ -37,6 +45,8 @@ def _weight_key(w: Tensor) -> tuple:
 
 
 _FP32_BUFFERS = ("w_scale", "a_scale")  # kept in float32 by _apply
+_GIVE_BACK_BYTES = 1 << 20  # released codes at least this large hand their pages back (1.6 ms per malloc_trim)
+log = logging.getLogger(__name__)
 
 
 class QuantLayer(nn.Module):
@@ -53,6 +63,8 @@ class QuantLayer(nn.Module):
         self.observer: Observer | None = None  # set by calibration; forward then runs in float and records inputs
         self.kernel = registry.AUTO  # backend preference (recipe key ``kernel``)
         self._mse_scale: tuple | None = None  # (weight key, block min, block max, scale): see weight_scale()
+        self.prepack_slot = PrepackSlot()  # a backend's prepacked copy of the frozen codes (not a buffer)
+        self._keep_codes = False  # the prepacked copy did not give the codes back exactly: keep both
         self.register_load_state_dict_post_hook(_refresh_zp_sums_hook)  # derived w_sum follows loaded codes
         if qcfg.static_act:  # one (scale, zp) per tensor; (2,) with a_split: [first part, second part]
             shape = (2,) if qcfg.split_act else ()
@@ -63,14 +75,25 @@ class QuantLayer(nn.Module):
         """``.to()``/``.half()``/``.cuda()``: quantization scales move with the layer but stay fp32.
 
         Converting ``w_scale``/``a_scale`` to the pipeline's bf16/fp16 would round them and break the exactness of
-        the integer path (the epilogue is fp32); codes and zero-points are integers and never converted.
+        the integer path (the epilogue is fp32); codes and zero-points are integers and never converted. Released
+        codes stay released when ``fn`` leaves CPU int8 tensors where they are (a dtype cast); any other move gets
+        them back first (:meth:`restore_codes`) and moves them.
         """
+        placeholder = None
+        if self.codes_released():
+            probe = fn(torch.empty(0, dtype=torch.int8))
+            if probe.device.type != "cpu" or probe.dtype != torch.int8:
+                self.restore_codes()
+            else:  # the placeholder itself is not moved (a meta tensor cannot be copied out)
+                placeholder, self._buffers["qweight"] = self._buffers["qweight"], None
         kept = {name: self._buffers[name] for name in _FP32_BUFFERS if self._buffers.get(name) is not None}
         super()._apply(fn, recurse)
         for name, original in kept.items():
             moved = self._buffers[name]
             if moved.dtype != original.dtype:
                 self._buffers[name] = original.to(moved.device)
+        if placeholder is not None:
+            self._buffers["qweight"] = placeholder
         return self
 
     # ---- geometry ------------------------------------------------------------------------------
@@ -122,11 +145,60 @@ class QuantLayer(nn.Module):
         return self.packed_weight().dequantize().reshape(self.weight_shape)
 
     def packed_weight(self) -> PackedWeight:
-        """The frozen weight as a :class:`PackedWeight` view of the ``qweight`` / ``w_scale`` buffers (no copy)."""
+        """The frozen weight as a :class:`PackedWeight` view of the ``qweight`` / ``w_scale`` buffers (no copy) and
+        of the prepack slot (which holds the codes once they are released)."""
         q = self.qcfg
+        sums = getattr(self, "w_sum", None)
         return PackedWeight(
-            self.qweight, self.w_scale, q.w_bits, self.in_features_2d, q.group_size, sums=getattr(self, "w_sum", None)
+            self.qweight, self.w_scale, q.w_bits, self.in_features_2d, q.group_size, sums=sums, slot=self.prepack_slot
         )
+
+    # ---- one resident copy of the codes --------------------------------------------------------------------------
+    def codes_released(self) -> bool:
+        """True when the codes live only in a backend's prepacked copy (``qweight`` is a meta placeholder)."""
+        return self.state == "frozen" and self.packed_weight().released
+
+    @torch.no_grad()
+    def _release_codes(self) -> None:
+        """After a call that prepacked the codes: keep that copy only, if it gives the codes back bit for bit."""
+        if self._keep_codes or self.prepack_slot.value is None or self.qweight.is_meta:
+            return
+        if not self.packed_weight().equals_slot():
+            self._keep_codes = True
+            log.warning("%s: the %s prepacked copy does not give the codes back exactly; keeping both copies",
+                        self.extra_repr(), self.prepack_slot.value.backend)  # fmt: skip
+            return
+        freed = self.qweight.nbytes
+        self._buffers["qweight"] = torch.empty_like(self.qweight, device="meta")
+        if freed >= _GIVE_BACK_BYTES:  # the freed codes leave a hole mid-heap that glibc would keep resident
+            heap.give_back()
+
+    @torch.no_grad()
+    def restore_codes(self) -> None:
+        """Put the codes back into ``qweight`` (rebuilt from the prepacked copy if released) and drop that copy."""
+        if self.codes_released():
+            self._buffers["qweight"] = self.packed_weight().codes_from_slot()
+        self.prepack_slot.value = None
+        self._keep_codes = False
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        """The state dict holds the codes even when released: rebuilt from the prepacked copy (a new tensor)."""
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.codes_released():
+            destination[prefix + "qweight"] = self.packed_weight().codes_from_slot()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """New codes or scales make the prepacked copy stale: the codes come back first and the copy is dropped."""
+        if self.prepack_slot.value is not None and any(prefix + n in state_dict for n in ("qweight", "w_scale")):
+            self.restore_codes()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _dispatch(self, op: str, x: Tensor, geom: ConvGeometry | None = None) -> Tensor:
+        """Run the frozen op on the selected backend; release the codes once a backend holds an exact copy."""
+        y = registry.dispatch(op, x, self.packed_weight(), self.act_spec(), self.bias, geom, preference=self.kernel)
+        if self.prepack_slot.value is not None and not self._keep_codes:
+            self._release_codes()
+        return y
 
     def act_spec(self) -> ActSpec:
         """How the input is quantized (the static range buffers are shared, not copied)."""
@@ -148,6 +220,7 @@ class QuantLayer(nn.Module):
         self.register_buffer("qweight", pw.codes)
         self.register_buffer("w_scale", pw.scale)
         self._mse_scale = None
+        self.prepack_slot.value = None
         self.state = "frozen"
         self.refresh_zp_sums()
 
@@ -157,8 +230,10 @@ class QuantLayer(nn.Module):
         Only for frozen layers with static activations: the Triton GEMM folds the zero-point into its epilogue
         as ``acc - zp * w_sum`` instead of re-reading the weights every call. Runs after freeze() and load.
         """
-        if self.state != "frozen" or not self.qcfg.static_act or self.qcfg.split_act or self.qweight.is_meta:
+        if self.state != "frozen" or not self.qcfg.static_act or self.qcfg.split_act:
             return  # split layers always run the torch reference, which does not use w_sum
+        if self.qweight.is_meta and not self.codes_released():
+            return  # a load shell
         self._buffers.pop("w_sum", None)  # recompute from the current codes, not from a stale cache
         self.register_buffer("w_sum", self.packed_weight().code_sums(), persistent=False)
 
@@ -170,6 +245,7 @@ class QuantLayer(nn.Module):
         self.register_parameter("weight", None)
         self.register_buffer("qweight", pw.codes)
         self.register_buffer("w_scale", pw.scale)
+        self.prepack_slot.value = None
         self.state = "frozen"
 
     def _adopt(self, layer: nn.Module) -> QuantLayer:
@@ -192,9 +268,12 @@ class QuantLayer(nn.Module):
 
     # ---- bookkeeping ---------------------------------------------------------------------------
     def nbytes(self) -> int:
-        """Bytes actually held by this layer's parameters and buffers (measured, not computed)."""
+        """Bytes held: this layer's parameters and buffers as they are (a meta placeholder holds none) and the
+        backend's prepacked copy of its codes by its own account (its tensors' layout; ``tests/backends`` checks it
+        against the C allocator)."""
         tensors = list(self.parameters(recurse=False)) + list(self.buffers(recurse=False))
-        return sum(t.numel() * t.element_size() for t in tensors)
+        held = 0 if self.prepack_slot.value is None else self.prepack_slot.value.nbytes()
+        return held + sum(t.numel() * t.element_size() for t in tensors if not t.is_meta)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.observer is not None:
@@ -234,7 +313,7 @@ class QuantLinear(QuantLayer):
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def _int_op(self, x: Tensor) -> Tensor:
-        return registry.dispatch("linear", x, self.packed_weight(), self.act_spec(), self.bias, preference=self.kernel)
+        return self._dispatch("linear", x)
 
 
 class QuantConv2d(QuantLayer):
@@ -275,9 +354,7 @@ class QuantConv2d(QuantLayer):
         return ConvGeometry(self.weight_shape, self.stride, self.padding, self.dilation)  # type: ignore[arg-type]
 
     def _int_op(self, x: Tensor) -> Tensor:
-        return registry.dispatch(
-            "conv2d", x, self.packed_weight(), self.act_spec(), self.bias, self.geometry(), preference=self.kernel
-        )
+        return self._dispatch("conv2d", x, self.geometry())
 
 
 def _per_part(value) -> Tensor:

@@ -88,3 +88,48 @@ def test_view_copies_nothing_and_checks_shapes(gen):
         PackedWeight(pw.codes, pw.scale, 8, 16, layout="v9")
     with pytest.raises(ValueError, match="bits must be one of"):
         PackedWeight(pw.codes, pw.scale, 5, 16)
+
+
+class _Copy:
+    """A stand-in for a backend's prepacked copy: it holds the int8 codes (N, K) as given."""
+
+    backend = "test"
+
+    def __init__(self, codes: torch.Tensor) -> None:
+        self.codes = codes
+
+    def int8_codes(self) -> torch.Tensor:
+        return self.codes.clone()
+
+    def nbytes(self) -> int:
+        return self.codes.nbytes
+
+    def copy(self) -> _Copy:
+        return _Copy(self.codes.clone())
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_released_codes_come_back_from_the_slot(gen, bits):
+    from qdiff.numerics.packed import PrepackSlot
+
+    n, k = 5, 75  # odd K: padding bits in the last byte of 4- and 2-bit rows
+    w = _weight(n, k, gen)
+    pw = PackedWeight.quantize(w, _scale(w, bits), bits)
+    slot = PrepackSlot()
+    kept = PackedWeight(pw.codes, pw.scale, bits, k, slot=slot)
+    assert not kept.released and not kept.equals_slot()  # nothing prepacked yet
+    slot.value = _Copy(pw.unpack())
+    assert kept.equals_slot() and not kept.released  # the layer still holds its codes
+    released = PackedWeight(torch.empty_like(pw.codes, device="meta"), pw.scale, bits, k, slot=slot)
+    assert released.released and released.device == pw.scale.device
+    assert torch.equal(released.unpack(), pw.unpack()) and torch.equal(released.stored_codes(), pw.codes)
+    assert torch.equal(released.dequantize(), pw.dequantize()) and torch.equal(released.code_sums(), pw.code_sums())
+    assert released.nbytes() == pw.nbytes()  # the stored layout's bytes, whatever holds them
+    if bits != 8:  # a stray padding bit in the stored bytes: the copy cannot give those bytes back
+        odd = pw.codes.clone()
+        odd[0, -1] |= 0x80
+        assert not PackedWeight(odd, pw.scale, bits, k, slot=slot).equals_slot()
+    if bits == 3:  # a stored nibble outside the 3-bit range: not repackable, not equal (no error)
+        wide = PackedWeight(pw.codes, pw.scale, bits, k, slot=slot)
+        slot.value = _Copy(torch.full((n, k), 7, dtype=torch.int8))
+        assert not wide.equals_slot()
