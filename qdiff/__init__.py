@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Recipe", "Plan", "QdiffError", "calibrate", "quantize", "save", "load", "load_pipeline", "fit_schedule",
-    "evaluate", "__version__",
+    "evaluate", "export_openvino", "__version__",
 ]  # fmt: skip
 
 _LAZY = {
@@ -31,6 +31,7 @@ _LAZY = {
     "fit_schedule": ("qdiff.api", "fit_schedule"),
     "load_pipeline": ("qdiff.export.resolve", "load_pipeline"),
     "evaluate": ("qdiff.eval.run", "evaluate"),
+    "export_openvino": ("qdiff.engines.openvino.export", "export_openvino"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -180,14 +180,23 @@ def load(path: str | Path, device: str | None = None, kernel: str | None = None,
     float32, a float16 one runs in bfloat16 on CPUs with native bf16 matmuls, else float32; on another device the
     stored dtypes are kept. ``dtype`` (``torch.bfloat16``, ``"float32"``, ...) overrides (``"float16"`` keeps a
     float16 export as stored, e.g. to save it again unchanged). Quantized layers keep their integer codes and fp32
-    scales. ``kernel``: backend preference of the frozen layers instead of the export recipe's (``auto``,
+    scales. An OpenVINO folder (:func:`qdiff.export_openvino`) loads on OpenVINO instead
+    (:func:`qdiff.engines.openvino.runtime.load_openvino`). ``kernel``: backend preference of the frozen layers
+    instead of the export recipe's (``auto``,
     ``cpu_int8``, ``triton``, ``torch``); ``"torch"`` keeps no prepacked int8 copy beside the stored codes (least
     memory, slower).
     """
     from qdiff.config.dtypes import as_torch_dtype
+    from qdiff.engines.openvino import OV_MANIFEST
     from qdiff.export.load import load_export
     from qdiff.export.resolve import place
 
+    if (Path(path) / OV_MANIFEST).is_file():  # an OpenVINO folder (qdiff.export_openvino): runs on OpenVINO
+        if kernel is not None or dtype is not None:
+            raise QdiffError(f"{path}: an OpenVINO folder takes no kernel or dtype (its precisions: load_openvino)")
+        from qdiff.engines.openvino.runtime import load_openvino
+
+        return load_openvino(path)
     dtype = as_torch_dtype(dtype)  # a bad name fails before any work
     defer_bitsandbytes()  # diffusers would import it (and print its notices) although nothing here uses it
     pipe = load_export(path, device=device, kernel=kernel)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from qdiff.cli_parser import build_parser
+from qdiff.engines.openvino.cli import cmd_export_openvino
 from qdiff.errors import QdiffError
 from qdiff.utils.progress import is_terminal, quiet_library_bars
 
@@ -278,7 +279,7 @@ def cmd_generate(args) -> int:
     from qdiff.quant.transform import get_info
     from qdiff.utils.images import hstack, save_png
 
-    pipe = load_pipeline(args.model)
+    pipe = _generate_pipeline(args, load_pipeline)
     compute = place(pipe, args.device, args.dtype)
     from qdiff.models.adapters import find_denoiser
 
@@ -302,6 +303,26 @@ def cmd_generate(args) -> int:
     dtype = str(compute).removeprefix("torch.") if compute is not None else "mixed"
     print(f"wrote {out} ({len(images)} image(s), {kwargs['num_inference_steps']} steps, seed {args.seed}, {dtype})")
     return 0
+
+
+def _generate_pipeline(args, load_pipeline):
+    """The pipeline ``generate`` runs: ``--engine`` must match the folder (an OpenVINO folder runs on OpenVINO)."""
+    from qdiff.engines.openvino import OV_MANIFEST
+
+    openvino = (Path(args.model) / OV_MANIFEST).is_file()
+    if args.engine == "openvino" and not openvino:
+        raise QdiffError(f"{args.model} is not an OpenVINO folder; convert the export first: "
+                         f"qdiff export-openvino {args.model} OUT")  # fmt: skip
+    if args.engine == "torch" and openvino:
+        raise QdiffError(f"{args.model} is an OpenVINO folder (qdiff export-openvino); run it with --engine openvino")
+    if args.precision and not openvino:
+        raise QdiffError("--precision applies to OpenVINO folders (--engine openvino); torch runs use --dtype")
+    if openvino:
+        from qdiff.engines.openvino.precision import parse_precision
+        from qdiff.engines.openvino.runtime import load_openvino
+
+        return load_openvino(args.model, precision=parse_precision(args.precision) if args.precision else None)
+    return load_pipeline(args.model)
 
 
 def _schedule_steps(pipe) -> int | None:
@@ -399,7 +420,8 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"calibrate": cmd_calibrate, "quantize": cmd_quantize, "generate": cmd_generate, "inspect": cmd_inspect,
-            "fit-schedule": cmd_fit_schedule, "bench": cmd_bench, "eval": cmd_eval}  # fmt: skip
+            "fit-schedule": cmd_fit_schedule, "bench": cmd_bench, "eval": cmd_eval,
+            "export-openvino": cmd_export_openvino}  # fmt: skip
 
 
 DISTRIBUTED = ("calibrate", "fit-schedule", "eval")  # shard their work under torchrun (docs/distributed.md)

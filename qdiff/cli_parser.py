@@ -58,8 +58,8 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "--peers",
         help="also build and score peer quantizers from the first (float) model: comma-separated bnb-nf4, bnb-int8, "
-        "quanto-w8a8, quanto-w4, torchao-int8dq, torchao-int8wo, torchao-int4wo, or all "
-        "(pip install 'qdiff[peers]')",
+        "quanto-w8a8, quanto-w4, torchao-int8dq, torchao-int8wo, torchao-int4wo, openvino-fp32, openvino-nncf-int8, "
+        "or all (pip install 'qdiff[peers]', 'qdiff[openvino]')",
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -83,6 +83,11 @@ def _add_generate(sub) -> None:
         help="compute dtype of the float parts (default on CPU: float32, or bfloat16 for a float16 model "
         "on a CPU with native bf16; quantized layers always keep their integer codes and fp32 scales)",
     )
+    p.add_argument("--engine", choices=("auto", "torch", "openvino"), default="auto",
+                   help="what runs MODEL: torch (qdiff's backends), openvino (a folder from qdiff export-openvino), "
+                   "or auto: by the folder (default)")  # fmt: skip
+    p.add_argument("--precision", help="openvino: float precision of the non-quantized parts (f32, bf16 or "
+                   "COMPONENT=PRECISION,...; default: the folder's)")  # fmt: skip
     p.add_argument("--out", required=True, help="PNG path; several prompts are written side by side")
 
 
@@ -137,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fit_schedule(sub)
     _add_eval(sub)
     from qdiff.bench.cli import add_bench_parser
+    from qdiff.engines.openvino.cli import add_export_openvino_parser
 
     add_bench_parser(sub)
+    add_export_openvino_parser(sub)
     return parser

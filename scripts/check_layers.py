@@ -24,6 +24,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("sched",),  # Q-Sched scheduler wrapper, JAQ, scorers, search
     ("export",),  # every byte written or read: save, load, manifest, model resolution
     ("calib",),  # capture, sensitivity, allocation
+    ("engines",),  # an export as another runtime's model (OpenVINO): export-openvino and its loader
     ("eval",),
     ("bench",),
     ("api",),

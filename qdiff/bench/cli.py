@@ -39,6 +39,8 @@ def add_bench_parser(sub) -> None:
                    help="interleaved timing rounds (default: 5; SDXL: at most 3 warm calls)")  # fmt: skip
     c.add_argument("--threads", type=positive_int("--threads"),
                    help="torch threads (default: one per core); 1: steadier ratios on a busy machine")  # fmt: skip
+    c.add_argument("--engine", choices=("torch", "openvino"), default="torch",
+                   help="openvino: the Shapes pipeline on OpenVINO beside torch, NNCF (docs/openvino.md)")  # fmt: skip
     c.add_argument("--quick", action="store_true", help="smallest layer shapes, 2-image batch (a smoke test)")
     c.add_argument("--out", help="also write the report to this Markdown file (atomically)")
 
@@ -49,9 +51,11 @@ def run_bench(args) -> int:
     if args.bench == "cpu":
         from qdiff.bench.cpu import run_cpu_bench
 
-        every = not (args.layers or args.pipeline or args.sdxl)  # nothing chosen: layers and pipeline
+        openvino = args.engine == "openvino"
+        every = not (args.layers or args.pipeline or args.sdxl or openvino)  # nothing chosen: layers and pipeline
         text = run_cpu_bench(layers=args.layers or every, pipeline=args.pipeline or every, sdxl=args.sdxl,
-                             rounds=args.rounds, quick=args.quick, threads=args.threads)  # fmt: skip
+                             rounds=args.rounds, quick=args.quick, threads=args.threads,
+                             openvino=openvino)  # fmt: skip
     elif args.bench == "kernels":
         from qdiff.bench.kernels import run_kernel_bench
 

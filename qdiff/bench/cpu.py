@@ -125,13 +125,15 @@ def run_cpu_bench(
     rounds: int = 5,
     quick: bool = False,
     threads: int | None = None,
+    openvino: bool = False,
 ) -> str:
     """The Markdown report of ``qdiff bench cpu`` (section "## CPU (issue 16)"); ``threads``: torch's thread count
     for the run (None: leave it)."""
     if threads is not None:
         torch.set_num_threads(threads)
     ok, described = gate()
-    flags = [f for f, on in (("--layers", layers), ("--pipeline", pipeline), ("--quick", quick)) if on]
+    flags = [f for f, on in (("--layers", layers), ("--pipeline", pipeline), ("--engine openvino", openvino),
+                             ("--quick", quick)) if on]  # fmt: skip
     extra = [*(["--sdxl", sdxl] if sdxl else []), f"--rounds {rounds}", *([f"--threads {threads}"] if threads else [])]
     command = " ".join(["qdiff bench cpu", *flags, *extra])
     parts = ["## CPU (issue 16)", "", header(described, command), ""]
@@ -150,6 +152,10 @@ def run_cpu_bench(
         text, found = shapes_section(rounds, quick, ok)
         parts += [text, ""]
         targets += found
+    if openvino:
+        from qdiff.bench.cpu_openvino import openvino_section
+
+        parts += [openvino_section(rounds, quick), ""]
     if sdxl:
         from qdiff.bench.cpu_sdxl import sdxl_section
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from qdiff.config.recipe import Recipe
 from qdiff.errors import QdiffError
+from qdiff.eval.peers_openvino import OPENVINO_PEERS, EnginePeer
 from qdiff.utils.lazy_imports import BNB_NOTICES, dropping_notices, import_bitsandbytes
 
 INSTALL_HINT = "not installed: pip install 'qdiff[peers]'"
@@ -213,7 +214,7 @@ def _int4_refuse(module: nn.Module, recipe: Recipe) -> str | None:
 
 LINEAR = (nn.Linear,)
 LINEAR_CONV = (nn.Linear, nn.Conv2d)
-PEERS: Mapping[str, Peer] = MappingProxyType({p.name: p for p in (
+PEERS: Mapping[str, Peer | EnginePeer] = MappingProxyType({p.name: p for p in (
     Peer("bnb-nf4", "bitsandbytes", "bitsandbytes NF4 weight-only (Linear4bit)", LINEAR,
          "bitsandbytes has no Conv2d", _bnb_nf4),
     Peer("bnb-int8", "bitsandbytes", "bitsandbytes LLM.int8() W8A8 (Linear8bitLt)", LINEAR,
@@ -228,6 +229,7 @@ PEERS: Mapping[str, Peer] = MappingProxyType({p.name: p for p in (
          "torchao int8 configs fail on Conv2d: aten.convolution unimplemented for Int8Tensor",
          _torchao("Int8WeightOnlyConfig")),
     Peer("torchao-int4wo", "torchao", "torchao int4 weight-only", LINEAR_CONV, "", _torchao("int4"), _int4_refuse),
+    *OPENVINO_PEERS,  # the CPU engine: OpenVINO fp32 and NNCF int8 (qdiff.eval.peers_openvino)
 )})  # fmt: skip
 
 

@@ -60,9 +60,12 @@ def _pipe_bytes(pipe) -> tuple[int, int]:
     from qdiff.eval.size import module_nbytes
     from qdiff.models.adapters import find_denoiser
 
+    def measured(module: torch.nn.Module) -> int:  # an OpenVINO component: its weights file on disk
+        return module.stored_nbytes() if hasattr(module, "stored_nbytes") else module_nbytes(module)
+
     den = find_denoiser(pipe)[1]
-    total = sum(module_nbytes(m) for m in pipe.components.values() if isinstance(m, torch.nn.Module))
-    return module_nbytes(den), total
+    total = sum(measured(m) for m in pipe.components.values() if isinstance(m, torch.nn.Module))
+    return measured(den), total
 
 
 class Evaluator:
@@ -208,13 +211,34 @@ def spec_recipe(spec: str):
     from pathlib import Path
 
     from qdiff.config.recipe import Recipe
+    from qdiff.engines.openvino import OV_MANIFEST
     from qdiff.export.manifest import MANIFEST, read_manifest
 
     folder = Path(spec)
+    if (folder / OV_MANIFEST).is_file():  # an OpenVINO folder carries its source export's recipe
+        from qdiff.engines.openvino.runtime import read_ov_manifest
+
+        data = read_ov_manifest(folder).get("recipe")
+        return Recipe.from_dict(data) if isinstance(data, dict) else None
     if not (folder / MANIFEST).is_file():
         return None
     data = read_manifest(folder).get("recipe")
     return Recipe.from_dict(data) if data else None
+
+
+def load_variant(spec: str):
+    """A variant's pipeline: an OpenVINO folder (``qdiff export-openvino``) runs on OpenVINO, anything else is
+    :func:`qdiff.export.resolve.load_pipeline`."""
+    from pathlib import Path
+
+    from qdiff.engines.openvino import OV_MANIFEST
+    from qdiff.export.resolve import load_pipeline
+
+    if (Path(spec) / OV_MANIFEST).is_file():
+        from qdiff.engines.openvino.runtime import load_openvino
+
+        return load_openvino(spec)
+    return load_pipeline(spec)
 
 
 def default_setup(specs: Sequence[str]) -> tuple[SamplerConfig, str]:
@@ -231,13 +255,17 @@ def default_setup(specs: Sequence[str]) -> tuple[SamplerConfig, str]:
 
 
 def variant_name(pipe, taken: Sequence[str]) -> str:
-    """``FP`` for a float pipeline, else its recipe name (``+qsched`` with a fitted schedule); made unique."""
+    """``FP`` for a float pipeline, else its recipe name (``+qsched`` with a fitted schedule, `` @openvino`` when
+    another engine runs it); made unique."""
     from qdiff.models.adapters import find_denoiser
     from qdiff.quant.transform import get_info
     from qdiff.sched.qsched import get_schedule
 
-    info = get_info(find_denoiser(pipe)[1])
+    den = find_denoiser(pipe)[1]
+    info = get_info(den)
     name = "FP" if info is None else info.recipe.name + ("+qsched" if get_schedule(pipe) is not None else "")
+    if getattr(den, "engine", None):  # the same export run by another engine is another variant
+        name += f" @{den.engine}"
     base, i = name, 2
     while name in taken:
         name, i = f"{base} ({i})", i + 1
@@ -266,7 +294,7 @@ def evaluate(
     float32, bfloat16 for float16 models on CPUs with native bf16). ``peers``: names from
     :data:`qdiff.eval.peers.PEERS` (or ``"all"``), built from the first model (a float pipeline) and scored after the
     models (bitsandbytes, optimum-quanto, torchao: the ``qdiff[peers]`` extra)."""
-    from qdiff.export.resolve import load_pipeline, place
+    from qdiff.export.resolve import place
     from qdiff.sampling.prompts import load_prompts
 
     if not models:
@@ -283,7 +311,7 @@ def evaluate(
     ev = Evaluator(list(prompts)[:num_prompts], sampler or default_sampler, seed=seed, batch_size=batch_size,
                    clip=clip, quality=quality, progress=progress)  # fmt: skip
     for spec in models:
-        pipe = load_pipeline(spec)
+        pipe = load_variant(spec)
         place(pipe, device, dtype)
         ev.add(variant_name(pipe, list(ev.metrics)), pipe)
         del pipe

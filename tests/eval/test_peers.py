@@ -38,7 +38,7 @@ def _evaluator() -> Evaluator:
 
 def test_registry_and_names():
     assert list(PEERS) == ["bnb-nf4", "bnb-int8", "quanto-w8a8", "quanto-w4", "torchao-int8dq", "torchao-int8wo",
-                           "torchao-int4wo"]  # fmt: skip
+                           "torchao-int4wo", "openvino-fp32", "openvino-nncf-int8"]  # fmt: skip
     assert isinstance(PEERS, MappingProxyType)
     assert parse_peers("bnb-nf4, quanto-w4,bnb-nf4") == ["bnb-nf4", "quanto-w4"]
     assert parse_peers("all") == list(PEERS)

@@ -1,0 +1,1 @@
+"""Engines: turn a quantized qdiff export (the single source of truth) into something another runtime executes."""
