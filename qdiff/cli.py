@@ -317,6 +317,8 @@ def _generate_pipeline(args, load_pipeline):
         raise QdiffError(f"{args.model} is an OpenVINO folder (qdiff export-openvino); run it with --engine openvino")
     if args.precision and not openvino:
         raise QdiffError("--precision applies to OpenVINO folders (--engine openvino); torch runs use --dtype")
+    if args.dtype and openvino:
+        raise QdiffError("--dtype applies to torch runs; an OpenVINO folder's float parts take --precision f32|bf16")
     if openvino:
         from qdiff.engines.openvino.precision import parse_precision
         from qdiff.engines.openvino.runtime import load_openvino

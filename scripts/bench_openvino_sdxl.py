@@ -1,15 +1,21 @@
-"""One real-size SDXL UNet call at 256 px: torch bf16, qdiff W8A8 on torch (cpu_int8), qdiff W8A8 on OpenVINO.
+"""One real-size SDXL UNet call at 256 px: torch bf16, qdiff W8A8 on torch (cpu_int8) and on OpenVINO, and OpenVINO's
+own float and NNCF-compressed variants beside them.
 
-    python scripts/bench_openvino_sdxl.py --float /work/scratch/sdxl-fp16-pipe --export /work/scratch/sdxl-fp16-w8a8 \\
-        --openvino /work/scratch/sdxl-fp16-w8a8-ov --out docs/results/openvino-sdxl.md
+    python scripts/bench_openvino_sdxl.py --prepare --float /work/scratch/sdxl-fp16-pipe \
+        --ov-float /work/scratch/sdxl-ov-float
+    python scripts/bench_openvino_sdxl.py --float /work/scratch/sdxl-fp16-pipe --export /work/scratch/sdxl-fp16-w8a8 \
+        --openvino /work/scratch/sdxl-fp16-w8a8-ov --ov-float /work/scratch/sdxl-ov-float \
+        --out docs/results/openvino-sdxl.md
 
 Inputs: ``--float`` a diffusers folder with the float16 real-size UNet (scripts/make_real_checkpoint.py --pipeline),
-``--export`` its streamed qdiff W8A8 export, ``--openvino`` that export written by ``qdiff export-openvino``. The
-model does not fit twice in 24 GiB beside the others, so every variant runs in its own fresh process, one at a time,
-in ``--rounds`` alternating rounds; each process loads its variant, makes one cold call and ``--calls`` warm calls of
-batch 1 (latent 1x4x32x32, 77 tokens of width 2048, the SDXL time ids), and reports its best warm call; the table keeps
-each variant's best round and the child's peak RSS (``ru_maxrss``, interpreter and imports included). The OpenVINO
-and torch W8A8 outputs of the same inputs are compared (rel-l2): not bit-exact, docs/openvino.md says why.
+``--export`` its streamed qdiff W8A8 export, ``--openvino`` that export written by ``qdiff export-openvino``;
+``--prepare`` writes ``--ov-float``: the float pipeline through the same exporter (f16 weights on disk) and
+``nncf-wc8/openvino_model.xml``, NNCF's default int8 weight compression (``nncf.compress_weights``) of its UNet. The
+model does not fit twice in 24 GiB, so every variant runs in its own fresh process, one at a time, in ``--rounds``
+alternating rounds; each loads its variant, makes one cold call and ``--calls`` warm calls of batch 1 (latent
+1x4x32x32, 77 tokens of width 2048, the SDXL time ids) and reports its best warm call; the table keeps each variant's
+best round and the child's peak RSS (``ru_maxrss``, interpreter and imports included). Outputs are compared with qdiff
+W8A8 on torch (rel-l2): OpenVINO is not bit-exact, docs/openvino.md says why.
 """
 
 from __future__ import annotations
@@ -25,8 +31,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
-VARIANTS = ("torch bf16", "qdiff W8A8 on torch (cpu_int8), bf16 parts", "qdiff W8A8 on OpenVINO, bf16 parts",
-            "qdiff W8A8 on OpenVINO, f32 parts")  # fmt: skip
+TORCH_W8A8 = "qdiff W8A8 on torch (cpu_int8), bf16 parts"
+VARIANTS = (
+    "torch bf16", TORCH_W8A8, "qdiff W8A8 on OpenVINO, bf16 parts", "qdiff W8A8 on OpenVINO, f32 parts",
+    "OpenVINO bf16 (float UNet)", "OpenVINO f32 (float UNet)", "OpenVINO + NNCF int8 weights, bf16 parts",
+)  # fmt: skip
+NNCF_WC = "nncf-wc8"  # under --ov-float: the NNCF weight-compressed UNet IR
 
 
 def _inputs(config):
@@ -46,11 +56,12 @@ def child(variant: str, folder: str, calls: int, out: str) -> dict:
 
     torch.set_grad_enabled(False)
     start = time.perf_counter()
-    if "OpenVINO" in variant:
+    if variant.startswith("qdiff W8A8 on OpenVINO"):
         from qdiff.engines.openvino.runtime import load_openvino
 
-        unet = load_openvino(folder, precision={"unet": "bf16" if "bf16" in variant else "f32"}).unet
-        dtype = torch.float32
+        unet, dtype = load_openvino(folder, precision={"unet": _hint(variant)}).unet, torch.float32
+    elif variant.startswith("OpenVINO"):
+        unet, dtype = _ov_unet(folder, variant), torch.float32
     elif variant == "torch bf16":
         from diffusers import UNet2DConditionModel
 
@@ -85,12 +96,54 @@ def child(variant: str, folder: str, calls: int, out: str) -> dict:
     return {"load_s": load_s, "cold_s": cold, "warm_s": warm}
 
 
+def _hint(variant: str) -> str:
+    return "bf16" if "bf16" in variant else "f32"
+
+
+def _ov_unet(folder: str, variant: str):
+    """A bare UNet IR (the float one of --ov-float, or its NNCF-compressed twin) behind qdiff's UNet stand-in."""
+    import json
+
+    import openvino as ov
+
+    from qdiff.engines.openvino.runtime import OVModel, OVUNet, _frozen, compile_config
+
+    root = Path(folder)
+    xml = root / (NNCF_WC if "NNCF" in variant else "unet") / "openvino_model.xml"
+    config = json.loads((root / "unet" / "config.json").read_text())
+    return OVUNet(OVModel(ov.Core(), xml, compile_config(_hint(variant), 0, None)), _frozen(config))
+
+
+def prepare(float_folder: str, ov_float: str) -> None:
+    """Write the float pipeline's OpenVINO folder and NNCF's int8 weight compression of its UNet."""
+    import openvino as ov
+
+    from qdiff.engines.openvino.export import export_openvino
+
+    out = Path(ov_float)
+    if not out.exists():
+        start = time.perf_counter()
+        export_openvino(float_folder, out)
+        print(f"float OpenVINO folder: {time.perf_counter() - start:.0f} s", flush=True)
+    target = out / NNCF_WC / "openvino_model.xml"
+    if not target.exists():
+        import nncf
+
+        start = time.perf_counter()
+        model = nncf.compress_weights(ov.Core().read_model(out / "unet" / "openvino_model.xml"))
+        target.parent.mkdir()
+        ov.save_model(model, target, compress_to_fp16=True)
+        print(f"NNCF int8 weight compression: {time.perf_counter() - start:.0f} s", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--child", nargs=4, metavar=("VARIANT", "FOLDER", "CALLS", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--float", dest="float_folder")
     ap.add_argument("--export")
     ap.add_argument("--openvino")
+    ap.add_argument("--ov-float", help="the float OpenVINO folder (--prepare writes it)")
+    ap.add_argument("--prepare", action="store_true", help="write --ov-float (and its NNCF twin), then stop")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--calls", type=int, default=3)
     ap.add_argument("--out")
@@ -102,13 +155,16 @@ def main(argv: list[str] | None = None) -> int:
     from qdiff.bench.report import write_atomic
     from qdiff.utils.machine import cpu_name
 
-    folders = {VARIANTS[0]: args.float_folder, VARIANTS[1]: args.export, VARIANTS[2]: args.openvino,
-               VARIANTS[3]: args.openvino}  # fmt: skip
+    if args.prepare:
+        prepare(args.float_folder, args.ov_float)
+        return 0
+    folders = dict(zip(VARIANTS, (args.float_folder, args.export, args.openvino, args.openvino, *[args.ov_float] * 3)))
+    variants = [v for v in VARIANTS if folders[v]]
     best: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        outs = {v: str(Path(tmp) / f"{i}.safetensors") for i, v in enumerate(VARIANTS)}
+        outs = {v: str(Path(tmp) / f"{i}.safetensors") for i, v in enumerate(variants)}
         for _ in range(args.rounds):
-            for v in VARIANTS:
+            for v in variants:
                 r = _run(v, folders[v], args.calls, outs[v])
                 if r.get("returncode") == 0 and r["warm_s"] < best.get(v, {}).get("warm_s", float("inf")):
                     best[v] = r
@@ -123,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         "| variant | warm call s | vs torch bf16 | cold call s | load s | peak RSS GiB | rel-l2 vs qdiff torch |",
         "|---|---|---|---|---|---|---|",
     ]
-    for v in VARIANTS:
+    for v in variants:
         r = best.get(v)
         if r is None:
             lines.append(f"| {v} | failed | | | | | |")
@@ -156,13 +212,13 @@ def _run(variant: str, folder: str, calls: int, out: str) -> dict:
 def _diffs(outs: dict[str, str]) -> dict[str, str]:
     from safetensors.torch import load_file
 
-    ref_path = outs[VARIANTS[1]]
+    ref_path = outs.get(TORCH_W8A8, "")
     if not Path(ref_path).is_file():
         return {}
     ref = load_file(ref_path)["out"].double()
     found = {}
-    for v in VARIANTS:
-        if v != VARIANTS[1] and Path(outs[v]).is_file():
+    for v in outs:
+        if v != TORCH_W8A8 and Path(outs[v]).is_file():
             y = load_file(outs[v])["out"].double()
             found[v] = f"{((y - ref).norm() / ref.norm()).item():.4f}"
     return found

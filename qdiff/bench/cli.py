@@ -41,6 +41,8 @@ def add_bench_parser(sub) -> None:
                    help="torch threads (default: one per core); 1: steadier ratios on a busy machine")  # fmt: skip
     c.add_argument("--engine", choices=("torch", "openvino"), default="torch",
                    help="openvino: the Shapes pipeline on OpenVINO beside torch, NNCF (docs/openvino.md)")  # fmt: skip
+    c.add_argument("--mixdq-plan", metavar="PLAN", help="with --engine openvino: also MixDQ W4A8 rows from a "
+                   "shapes-mixdq-w4a8 plan (qdiff calibrate's plan.json)")  # fmt: skip
     c.add_argument("--quick", action="store_true", help="smallest layer shapes, 2-image batch (a smoke test)")
     c.add_argument("--out", help="also write the report to this Markdown file (atomically)")
 
@@ -55,7 +57,7 @@ def run_bench(args) -> int:
         every = not (args.layers or args.pipeline or args.sdxl or openvino)  # nothing chosen: layers and pipeline
         text = run_cpu_bench(layers=args.layers or every, pipeline=args.pipeline or every, sdxl=args.sdxl,
                              rounds=args.rounds, quick=args.quick, threads=args.threads,
-                             openvino=openvino)  # fmt: skip
+                             openvino=openvino, mixdq_plan=args.mixdq_plan)  # fmt: skip
     elif args.bench == "kernels":
         from qdiff.bench.kernels import run_kernel_bench
 

@@ -126,6 +126,7 @@ def run_cpu_bench(
     quick: bool = False,
     threads: int | None = None,
     openvino: bool = False,
+    mixdq_plan: str | None = None,
 ) -> str:
     """The Markdown report of ``qdiff bench cpu`` (section "## CPU (issue 16)"); ``threads``: torch's thread count
     for the run (None: leave it)."""
@@ -134,7 +135,8 @@ def run_cpu_bench(
     ok, described = gate()
     flags = [f for f, on in (("--layers", layers), ("--pipeline", pipeline), ("--engine openvino", openvino),
                              ("--quick", quick)) if on]  # fmt: skip
-    extra = [*(["--sdxl", sdxl] if sdxl else []), f"--rounds {rounds}", *([f"--threads {threads}"] if threads else [])]
+    extra = [*(["--sdxl", sdxl] if sdxl else []), *(["--mixdq-plan", mixdq_plan] if mixdq_plan else []),
+             f"--rounds {rounds}", *([f"--threads {threads}"] if threads else [])]  # fmt: skip
     command = " ".join(["qdiff bench cpu", *flags, *extra])
     parts = ["## CPU (issue 16)", "", header(described, command), ""]
     targets: list[Target] = []
@@ -155,7 +157,7 @@ def run_cpu_bench(
     if openvino:
         from qdiff.bench.cpu_openvino import openvino_section
 
-        parts += [openvino_section(rounds, quick), ""]
+        parts += [openvino_section(rounds, quick, mixdq_plan), ""]
     if sdxl:
         from qdiff.bench.cpu_sdxl import sdxl_section
 

@@ -47,15 +47,16 @@ class Row:
     call_s: float  # best seconds per denoiser call
     ssim_fp32: float
     ssim_twin: float | None
+    unet_mib: float | None  # the OpenVINO UNet's weights file on disk
 
 
-def _quantized(base, recipe: str):
+def _quantized(base, recipe: str, plan=None):
     import qdiff
 
-    return qdiff.quantize(copy.deepcopy(base), recipe, progress=False)
+    return qdiff.quantize(copy.deepcopy(base), recipe, plan=plan, progress=False)
 
 
-def _variants(tmp: Path) -> list[Variant]:
+def _variants(tmp: Path, mixdq_plan: str | None) -> list[Variant]:
     from qdiff.engines.openvino.export import write_openvino
     from qdiff.engines.openvino.runtime import load_openvino
     from qdiff.eval.peers import PEERS
@@ -65,7 +66,12 @@ def _variants(tmp: Path) -> list[Variant]:
     place(bf16, "cpu", torch.bfloat16)
     dynamic = _quantized(base, "shapes-w8a8")
     static = _quantized(base, "shapes-w8a8-static")
-    for pipe in (dynamic, static):
+    mixdq = None
+    if mixdq_plan:
+        from qdiff.config.plan import Plan
+
+        mixdq = _quantized(base, "shapes-mixdq-w4a8", Plan.load(mixdq_plan))
+    for pipe in (dynamic, static, mixdq) if mixdq is not None else (dynamic, static):
         for m in pipe.unet.modules():
             if hasattr(m, "kernel"):
                 m.kernel = INT8
@@ -79,6 +85,15 @@ def _variants(tmp: Path) -> list[Variant]:
     nncf, _ = PEERS["openvino-nncf-int8"].build(lambda: load_pipeline(MODEL), Recipe.load("shapes-w8a8-static"), [])
     nncf_bf16 = load_openvino(nncf._qdiff_folder.name, precision="bf16")
     twin_static, twin_dynamic = f"qdiff W8A8-static ({INT8}), fp32 parts", f"qdiff W8A8 ({INT8}), fp32 parts"
+    twin_mixdq = f"qdiff MixDQ W4A8 ({INT8}), fp32 parts"
+    extra = (
+        []
+        if mixdq is None
+        else [
+            Variant(twin_mixdq, mixdq),
+            Variant("qdiff MixDQ W4A8 on OpenVINO", openvino(mixdq, "mixdq"), twin_mixdq),
+        ]
+    )
     return [
         Variant("torch fp32", base),
         Variant("torch bf16", bf16),
@@ -88,6 +103,7 @@ def _variants(tmp: Path) -> list[Variant]:
         Variant("OpenVINO bf16", openvino(base, "bf16", "bf16")),
         Variant("qdiff W8A8-static on OpenVINO", openvino(static, "static"), twin_static),
         Variant("qdiff W8A8 on OpenVINO", openvino(dynamic, "dynamic"), twin_dynamic),
+        *extra,
         Variant("NNCF int8 on OpenVINO, f32 parts", nncf),
         Variant("NNCF int8 on OpenVINO, bf16 parts", nncf_bf16),
     ]
@@ -107,14 +123,15 @@ def _unet_inputs(pipe, recipe: Recipe, prompts: list[str]) -> dict[str, Tensor]:
     return {"sample": sample, "timestep": torch.tensor(499), "encoder_hidden_states": hidden}
 
 
-def openvino_section(rounds: int, quick: bool) -> str:
-    """The Markdown section: per-image and per-call times vs torch bf16, SSIM, and how each was measured."""
+def openvino_section(rounds: int, quick: bool, mixdq_plan: str | None = None) -> str:
+    """The Markdown section: per-image and per-call times vs torch bf16, SSIM, and how each was measured.
+    ``mixdq_plan``: a ``shapes-mixdq-w4a8`` plan (``qdiff calibrate``'s plan.json) adds MixDQ W4A8 rows."""
     recipe = Recipe.load("shapes-w8a8-static")
     batch = QUICK_BATCH if quick else BATCH
     prompts = load_prompts(PROMPTS, batch)
     seeds = list(range(batch))
     with tempfile.TemporaryDirectory(prefix="qdiff-bench-ov-") as tmp, torch.inference_mode():
-        variants = _variants(Path(tmp))
+        variants = _variants(Path(tmp), mixdq_plan)
         inputs = _unet_inputs(variants[0].pipe, recipe, prompts)
         images = {v.name: draw(v.pipe, prompts, seeds, recipe.sampler, batch) for v in variants}  # warm-up
         pipe_best, r1 = best_of_rounds(
@@ -125,10 +142,16 @@ def openvino_section(rounds: int, quick: bool) -> str:
     ref = images["torch fp32"]
     rows = [
         Row(v.name, pipe_best[v.name] / batch, call_best[v.name], float(ssim(images[v.name], ref).mean()),
-            float(ssim(images[v.name], images[v.twin]).mean()) if v.twin else None)
+            float(ssim(images[v.name], images[v.twin]).mean()) if v.twin else None, _unet_mib(v.pipe))
         for v in variants
     ]  # fmt: skip
     return _render(rows, batch, min(r1, r2), recipe, inputs)
+
+
+def _unet_mib(pipe) -> float | None:
+    """The OpenVINO UNet's weights file on disk (None for a torch pipeline)."""
+    nbytes = getattr(pipe.unet, "stored_nbytes", None)
+    return None if nbytes is None else nbytes() / 2**20
 
 
 def _dtype(pipe) -> torch.dtype:
@@ -139,11 +162,12 @@ def _render(rows: list[Row], batch: int, rounds: int, recipe: Recipe, inputs: di
     base = next(r for r in rows if r.name == "torch bf16")
     table = [
         [r.name, f"{r.pipe_s * 1e3:.1f}", f"{r.pipe_s / base.pipe_s:.2f}x", f"{r.call_s * 1e3:.1f}",
-         f"{r.call_s / base.call_s:.2f}x", f"{r.ssim_fp32:.4f}", "-" if r.ssim_twin is None else f"{r.ssim_twin:.4f}"]
+         f"{r.call_s / base.call_s:.2f}x", f"{r.ssim_fp32:.4f}", "-" if r.ssim_twin is None else f"{r.ssim_twin:.4f}",
+         "-" if r.unet_mib is None else f"{r.unet_mib:.2f}"]
         for r in rows
     ]  # fmt: skip
     cols = ["variant", "ms / image", "pipeline vs torch bf16", "ms / denoiser call", "call vs torch bf16",
-            "SSIM vs torch fp32", "SSIM vs its torch twin"]  # fmt: skip
+            "SSIM vs torch fp32", "SSIM vs its torch twin", "UNet MiB on disk"]  # fmt: skip
     s = recipe.sampler
     call = "x".join(str(d) for d in inputs["sample"].shape)
     intro = (

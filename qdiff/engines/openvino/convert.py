@@ -1,13 +1,16 @@
 """One pipeline component -> an OpenVINO model: traced, named, dynamic axes, 4-bit codes stored as 4-bit.
 
 The quantized layers are traced through :mod:`qdiff.engines.openvino.trace` (int8 code constants, decompression,
-FakeQuantize). :func:`store_low_bits` then rewrites int8 weight-code constants whose values all fit in [-8, 7]
-(qdiff's 4-bit and 3-bit codes) as OpenVINO ``i4`` constants (two codes per byte, first in the low nibble): the
-same numbers, half the bytes. An 8-bit code tensor never fits (a min-max scale maps each row's or group's largest
-weight to +-127), so the rule needs no bookkeeping of which layer had which bits, and it cannot change a value.
-Codes whose layer quantizes its input with a ``FakeQuantize`` (static activations) stay int8: OpenVINO's
-low-precision transformations run those MatMuls / convolutions as u8 x i8 only with int8 weights, and with ``i4``
-weights fall back to float (measured on Shapes W4A8-static: 74 ms vs 42 ms per call, 24 of 50 convolutions in f32).
+FakeQuantize). :func:`store_low_bits` then rewrites every int8 weight-code constant whose values all fit in [-8, 7]
+(qdiff's 4-bit and 3-bit codes) as an OpenVINO ``i4`` constant (two codes per byte, first in the low nibble): the
+same numbers, half the bytes on disk. An 8-bit code tensor never fits (a min-max scale maps each row's or group's
+largest weight to +-127), so the rule needs no bookkeeping of which layer had which bits, and it cannot change a value.
+
+OpenVINO's low-precision transformations run a MatMul / convolution behind a ``FakeQuantize`` (static activations)
+as u8 x i8 only with int8 weights; with ``i4`` weights they fall back to float (measured on Shapes W4A8-static: 74 vs
+42 ms per UNet call, 24 of 50 convolutions in f32). qdiff's loader therefore widens exactly those constants back to
+int8 in memory before compiling (:func:`widen_for_int8_kernels`): small on disk, int8 kernels at run time. Codes under
+dynamic activations stay ``i4``: the plugin's compressed-weight kernels take them as they are.
 """
 
 from __future__ import annotations
@@ -98,22 +101,44 @@ def store_low_bits(model) -> int:
         targets = list(op.output(0).get_target_inputs())
         if not targets or any(t.get_node().get_type_name() != "Convert" for t in targets):
             continue
-        if any(_feeds_fake_quantized(t.get_node()) for t in targets):
-            continue
         codes = op.get_data()
         if codes.size == 0 or codes.min() < I4_MIN or codes.max() > I4_MAX:
             continue
-        packed = pack_i4(codes)
         tensor = ov.Tensor(ov.Type.i4, ov.Shape(list(codes.shape)))
-        np.copyto(tensor.data.reshape(-1), packed)
-        new = ov.op.Constant(tensor)
-        new.set_friendly_name(op.get_friendly_name())
-        for target in targets:
-            target.replace_source_output(new.output(0))
+        np.copyto(tensor.data.reshape(-1), pack_i4(codes))
+        _replace(op, targets, ov.op.Constant(tensor))
         count += 1
     if count:
         model.validate_nodes_and_infer_types()
     return count
+
+
+def widen_for_int8_kernels(model) -> int:
+    """Rewrite each ``i4`` weight constant whose layer's activation comes from a ``FakeQuantize`` as int8 (the same
+    codes, one per byte), so the CPU plugin runs that layer's int8 kernel; returns how many were rewritten."""
+    import openvino as ov
+
+    count = 0
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "Constant" or op.get_output_element_type(0) != ov.Type.i4:
+            continue
+        targets = list(op.output(0).get_target_inputs())
+        if not targets or not all(_feeds_fake_quantized(t.get_node()) for t in targets):
+            continue
+        shape = list(op.get_output_shape(0))
+        packed = op.get_data().view(np.uint8).reshape(-1)  # an i4 constant's data: its packed bytes
+        codes = unpack_i4(packed, int(np.prod(shape))).reshape(shape)
+        _replace(op, targets, ov.op.Constant(codes))
+        count += 1
+    if count:
+        model.validate_nodes_and_infer_types()
+    return count
+
+
+def _replace(old, targets, new) -> None:
+    new.set_friendly_name(old.get_friendly_name())
+    for target in targets:
+        target.replace_source_output(new.output(0))
 
 
 _DECOMPRESSION = ("Convert", "Multiply", "Subtract", "Reshape", "StridedSlice", "Slice", "Transpose")

@@ -71,9 +71,10 @@ def export_openvino(
         pipe = load_export(src, kernel="torch")  # the stored codes only, no backend copy
     else:
         pipe = load_pipeline(str(source))
+    stored = {t.dtype for m in pipe.components.values() if isinstance(m, torch.nn.Module) for t in m.parameters()}
+    half = bool(stored & {torch.float16, torch.bfloat16})  # float weights kept at the source's 16 bits on disk
     place(pipe, "cpu", torch.float32)  # float parts traced in float32
     with atomic_folder(out, overwrite) as tmp:
-        half = manifest is not None and manifest.get("torch_dtype") in ("float16", "bfloat16")
         write_openvino(pipe, tmp, precision=precision, vae_encoder=vae_encoder, source=src if manifest else None,
                        progress=progress, store_half=half)  # fmt: skip
     return out

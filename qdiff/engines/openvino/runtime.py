@@ -26,8 +26,11 @@ class OVModel:
     """One compiled component: ``run(name=array, ...)`` -> ``{output name: float32 tensor}``."""
 
     def __init__(self, core, path: Path, config: dict[str, Any]) -> None:
+        from qdiff.engines.openvino.convert import widen_for_int8_kernels
+
         self.stored_bytes = path.with_suffix(".bin").stat().st_size  # the IR's weights, measured on disk
         model = core.read_model(path)
+        self.widened = widen_for_int8_kernels(model)  # i4 codes behind a FakeQuantize: int8 in memory
         # names from the model as written (a compiled model may list a tensor's other names first); fed by position
         self.inputs = [p.get_any_name() for p in model.inputs]
         self.outputs = [p.get_any_name() for p in model.outputs]

@@ -22,6 +22,7 @@ from qdiff.engines.openvino.convert import (  # noqa: E402
     quiet_tracing,
     store_low_bits,
     unpack_i4,
+    widen_for_int8_kernels,
 )
 from qdiff.engines.openvino.trace import traced_layers  # noqa: E402
 
@@ -58,7 +59,8 @@ def test_static_layers_run_int8_and_match_the_reference(frozen_layer, holder, ki
     with torch.no_grad():
         ref = wrapped(x)
     model = _convert(wrapped, x)
-    assert store_low_bits(model) == 0  # codes under a FakeQuantize stay int8 (int8 kernels need int8 weights)
+    assert store_low_bits(model) == (1 if w_bits == 4 else 0)  # 4-bit codes stored as i4 on disk
+    assert widen_for_int8_kernels(model) == (1 if w_bits == 4 else 0)  # and int8 again for the int8 kernels
     y, kinds = _run(model, x)
     layer_type = "FullyConnected" if kind == "linear" else "Convolution"
     assert kinds[layer_type] in ("u8", "i8"), kinds
@@ -109,3 +111,20 @@ def test_eight_bit_codes_are_never_rewritten(frozen_layer, holder):
     layer, x = frozen_layer("linear", 8, "dynamic", None)
     model = _convert(holder(layer), x)
     assert store_low_bits(model) == 0
+
+
+def test_static_4bit_codes_on_disk_as_i4_run_int8_after_widening(frozen_layer, holder):
+    """Without widening the plugin runs a FakeQuantize'd MatMul with i4 weights through its weight-decompression
+    kernel (float activations: slower, same numbers; on Shapes W4A8-static every FullyConnected and 24 of 50
+    convolutions); widened to int8 it runs u8 x i8."""
+    layer, x = frozen_layer("linear", 4, "static", None)
+    wrapped = holder(layer)
+    with torch.no_grad():
+        ref = wrapped(x)
+    model = _convert(wrapped, x)
+    store_low_bits(model)
+    y_i4, kinds_i4 = _run(model, x)
+    assert kinds_i4["FullyConnected"] == "i4" and _rel(y_i4, ref) < 1e-5
+    widen_for_int8_kernels(model)
+    y, kinds = _run(model, x)
+    assert kinds["FullyConnected"] == "u8" and _rel(y, ref) < 1e-5

@@ -154,6 +154,7 @@ def test_cli_exports_generates_and_refuses_bad_input(exports, tmp_path, capsys):
         (["export-openvino", str(export), str(tmp_path / "p"), "--precision", "fp8"], "'fp8' is not one of f32, bf16"),
         (["generate", str(export), "--engine", "openvino", "--prompt", "x", "--out", str(png)], "not an OpenVINO"),
         (["generate", str(out), "--engine", "torch", "--prompt", "x", "--out", str(png)], "is an OpenVINO folder"),
+        (["generate", str(out), "--dtype", "bfloat16", "--prompt", "x", "--out", str(png)], "take --precision"),
     ):
         assert main(argv) == 1
         err = capsys.readouterr().err.strip().splitlines()
