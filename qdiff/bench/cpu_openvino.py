@@ -150,7 +150,7 @@ def openvino_section(rounds: int, quick: bool, mixdq_plan: str | None = None) ->
 
 def _unet_mib(pipe) -> float | None:
     """The OpenVINO UNet's weights file on disk (None for a torch pipeline)."""
-    nbytes = getattr(pipe.unet, "stored_nbytes", None)
+    nbytes = getattr(pipe.unet, "disk_nbytes", None)
     return None if nbytes is None else nbytes() / 2**20
 
 
@@ -176,7 +176,7 @@ def _render(rows: list[Row], batch: int, rounds: int, recipe: Recipe, inputs: di
         f"`{PROMPTS}` in one batch, seeds 0..{batch - 1}; denoiser call: sample {call} (the CFG-doubled batch), "
         f"timestep 499; best of {rounds} interleaved rounds, every variant resident. OpenVINO rows: qdiff's exporter "
         "(`qdiff export-openvino`), CPU plugin, latency hint; qdiff rows with the default float precisions "
-        "(UNet and VAE bf16, text encoder f32). NNCF int8: `nncf.quantize(model_type=TRANSFORMER)` calibrated on the "
+        "(bf16 float parts in every component). NNCF int8: `nncf.quantize(model_type=TRANSFORMER)` calibrated on the "
         "UNet inputs of the 32 `shapes` calibration prompts (every step), as the static recipe calibrates. "
         "\"SSIM vs its torch twin\": the same quantization run by qdiff's torch backends (the engine's tolerance)."
     )

@@ -60,8 +60,8 @@ def _pipe_bytes(pipe) -> tuple[int, int]:
     from qdiff.eval.size import module_nbytes
     from qdiff.models.adapters import find_denoiser
 
-    def measured(module: torch.nn.Module) -> int:  # an OpenVINO component: its weights file on disk
-        return module.stored_nbytes() if hasattr(module, "stored_nbytes") else module_nbytes(module)
+    def measured(module: torch.nn.Module) -> int:  # an OpenVINO component: the weights its plugin was handed
+        return module.weight_nbytes() if hasattr(module, "weight_nbytes") else module_nbytes(module)
 
     den = find_denoiser(pipe)[1]
     total = sum(measured(m) for m in pipe.components.values() if isinstance(m, torch.nn.Module))

@@ -28,9 +28,13 @@ class OVModel:
     def __init__(self, core, path: Path, config: dict[str, Any]) -> None:
         from qdiff.engines.openvino.convert import widen_for_int8_kernels
 
-        self.stored_bytes = path.with_suffix(".bin").stat().st_size  # the IR's weights, measured on disk
+        self.disk_bytes = path.with_suffix(".bin").stat().st_size  # the IR's weights file, measured on disk
         model = core.read_model(path)
         self.widened = widen_for_int8_kernels(model)  # i4 codes behind a FakeQuantize: int8 in memory
+        # the weights handed to the plugin (after widening), summed over the model's constants
+        self.weight_bytes = sum(
+            op.get_byte_size() for op in model.get_ordered_ops() if op.get_type_name() == "Constant"
+        )
         # names from the model as written (a compiled model may list a tensor's other names first); fed by position
         self.inputs = [p.get_any_name() for p in model.inputs]
         self.outputs = [p.get_any_name() for p in model.outputs]
@@ -54,10 +58,16 @@ class _Part(nn.Module):
         super().__init__()
         self.ov, self.config = model, config
 
-    def stored_nbytes(self) -> int:
-        """Bytes of this component's OpenVINO weights file (``openvino_model.bin``, and the encoder's for a VAE)."""
+    def weight_nbytes(self) -> int:
+        """Bytes of the weights this component hands the OpenVINO plugin (its model's constants after the loader's
+        int8 widening; the VAE's encoder too), the analogue of a torch module's tensors."""
         extra = getattr(self, "encoder_ov", None)
-        return self.ov.stored_bytes + (extra.stored_bytes if extra is not None else 0)
+        return self.ov.weight_bytes + (extra.weight_bytes if extra is not None else 0)
+
+    def disk_nbytes(self) -> int:
+        """Bytes of this component's ``openvino_model.bin`` file(s) on disk."""
+        extra = getattr(self, "encoder_ov", None)
+        return self.ov.disk_bytes + (extra.disk_bytes if extra is not None else 0)
 
     @property
     def dtype(self) -> torch.dtype:
