@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
         f"Real-size SDXL UNet (2.57 B params, published config, random float16 weights), one call at 256 px, batch 1; "
         f"{cpu_name()}; best warm call of {args.calls} per process, best of {args.rounds} alternating rounds "
         f"(`python scripts/bench_openvino_sdxl.py --float {args.float_folder} --export {args.export} --openvino "
-        f"{args.openvino} --rounds {args.rounds} --calls {args.calls}`).",
+        f"{args.openvino}"
+        + (f" --ov-float {args.ov_float}" if args.ov_float else "")
+        + f" --rounds {args.rounds} --calls {args.calls}`), every other Python process paused during each child.",
         "",
         "| variant | warm call s | vs torch bf16 | cold call s | load s | peak RSS GiB | rel-l2 vs qdiff torch |",
         "|---|---|---|---|---|---|---|",
