@@ -91,7 +91,8 @@ FAMILIES: tuple[Family, ...] = (
         name="shapes", architecture=UNET,
         builtins=(Builtin("shapes", "qdiff.models.shapes.pipeline:shapes_pipeline", toy=False),),
         default_recipe="shapes-w8a8",
-        recipes=("shapes-w8a8", "shapes-w4a8", "shapes-w3a8", "shapes-w4a8-static", "shapes-mixdq-w4a8"),
+        recipes=("shapes-w8a8", "shapes-w4a8", "shapes-w3a8", "shapes-w8a8-static", "shapes-w4a8-static",
+                 "shapes-mixdq-w4a8"),
         description="the bundled Shapes model (trained weights shipped in the package)",
     ),
     Family(
