@@ -10,6 +10,7 @@ from qdiff.config.plan import Plan
 from qdiff.config.recipe import Recipe, TextEncoderConfig
 from qdiff.errors import QdiffError
 from qdiff.export.pretrained import attach_save, attach_text_encoder_save
+from qdiff.lora.pipeline import attach_pipeline_hooks
 from qdiff.models.adapters import find_denoiser, get_adapter
 from qdiff.models.schedulers import apply_sampler_scheduler
 from qdiff.quant.observers import make_observer
@@ -40,6 +41,7 @@ def quantize(
     prompts: list[str] | None = None,
     progress: bool = True,
     ranges: CapturedStats | None = None,
+    loras=None,
 ):
     """Quantize ``pipe``'s denoiser in place and return the same pipeline object.
 
@@ -48,10 +50,12 @@ def quantize(
     Static activation ranges (``activations.mode: static``) are calibrated by running the recipe's
     sampler over ``prompts`` (default: the recipe's calibration prompt set), or taken from ``ranges``
     (statistics captured by :func:`calibrate`). ``recipe.bos_aware`` makes cross-attention K/V BOS-aware.
+    ``loras`` (``["PATH[:SCALE]", ...]``, default: the recipe's ``loras``) are fused into the float weights first
+    (:mod:`qdiff.lora.fuse`); the export records them with their sha256.
     """
     if isinstance(recipe, Plan):
         recipe, plan = None, recipe
-    recipe = as_recipe(recipe)
+    recipe = _with_loras(as_recipe(recipe), loras)
     if plan is not None and not isinstance(plan, Plan):
         plan = Plan.load(plan)
     attr, den = find_denoiser(pipe)
@@ -59,6 +63,7 @@ def quantize(
         raise QdiffError("pipeline is already quantized; load the float model again to quantize it differently")
     prompts = _check_prompts(prompts)
     check_parameters(den)  # before anything is modified: a NaN weight would reach every image
+    _fuse(pipe, recipe)
     adapter = get_adapter(den)
     apply_sampler_scheduler(pipe, recipe.sampler)  # recipe's scheduler choice; saved with the export
     if recipe.text_encoders != TextEncoderConfig():  # optional; before calibration so the denoiser sees it
@@ -85,9 +90,27 @@ def quantize(
     base = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
     set_info(den, QuantInfo(recipe=recipe, plan=plan, base_model=base or None))
     attach_save(den)  # pipe.save_pretrained writes a qdiff export (qdiff.export.pretrained)
+    attach_pipeline_hooks(pipe)  # load_lora_weights on quantized layers (qdiff.lora.pipeline)
     if recipe.qsched.enabled:  # Q-Sched on the quantized model; prints whether the held-out prompts kept it
         print(fit_schedule(pipe, recipe, progress=progress).message)
     return pipe
+
+
+def _with_loras(recipe: Recipe, loras) -> Recipe:
+    """The recipe with its LoRAs (or ``loras``) checked and hashed; no LoRA code is imported without any."""
+    if loras is None and not recipe.loras:
+        return recipe
+    from qdiff.lora.fuse import with_loras
+
+    return with_loras(recipe, loras)
+
+
+def _fuse(pipe, recipe: Recipe) -> None:
+    """Fuse the recipe's LoRAs into the float pipeline (once; a CLI run may have fused them already)."""
+    if recipe.loras:
+        from qdiff.lora.fuse import fuse_recipe_loras
+
+        fuse_recipe_loras(pipe, recipe)
 
 
 def _check_prompts(prompts: list[str] | None) -> list[str] | None:
@@ -144,13 +167,15 @@ def calibrate(
     work_dir: str | Path | None = None,
     progress: bool = True,
     offload: str | None = None,
+    loras=None,
 ):
     """MixDQ-style calibration of a float ``pipe``: capture ranges, per-layer sensitivity, ILP bit allocation.
 
     Returns a :class:`qdiff.calib.run.CalibrationResult` (``.plan`` feeds :func:`quantize`, ``.stats`` its
     ``ranges=``; ``.save(folder)`` writes everything). ``work_dir`` makes the run resumable. ``offload``
     (``"none"``, ``"model"``, ``"sequential"``; default: the recipe's ``calibration.offload``) bounds memory, see
-    :mod:`qdiff.calib.offload`.
+    :mod:`qdiff.calib.offload`. ``loras`` (default: the recipe's) are fused into ``pipe`` first, so the ranges,
+    sensitivities and plan are those of the model that will run; the result's recipe records them (sha256).
     """
     import dataclasses
 
@@ -159,9 +184,10 @@ def calibrate(
     _, den = find_denoiser(pipe)
     if get_info(den) is not None or quantized_layers(den):
         raise QdiffError("calibrate needs the float pipeline; this one is already quantized")
-    recipe = as_recipe(recipe)
+    recipe = _with_loras(as_recipe(recipe), loras)
     if offload is not None:
         recipe = recipe.replace(calibration=dataclasses.replace(recipe.calibration, offload=offload))
+    _fuse(pipe, recipe)
     return run_calibration(pipe, recipe, work_dir=work_dir, progress=progress)
 
 
@@ -184,7 +210,8 @@ def load(path: str | Path, device: str | None = None, kernel: str | None = None,
     (:func:`qdiff.engines.openvino.runtime.load_openvino`). ``kernel``: backend preference of the frozen layers
     instead of the export recipe's (``auto``,
     ``cpu_int8``, ``triton``, ``torch``); ``"torch"`` keeps no prepacked int8 copy beside the stored codes (least
-    memory, slower).
+    memory, slower). An export saved with unfused LoRA adapters loads without them (one warning line;
+    :func:`qdiff.lora.load_saved_loras` puts them back).
     """
     from qdiff.config.dtypes import as_torch_dtype
     from qdiff.engines.openvino import OV_MANIFEST
@@ -201,7 +228,26 @@ def load(path: str | Path, device: str | None = None, kernel: str | None = None,
     defer_bitsandbytes()  # diffusers would import it (and print its notices) although nothing here uses it
     pipe = load_export(path, device=device, kernel=kernel)
     place(pipe, device or "cpu", dtype)
+    attach_pipeline_hooks(pipe)
+    _note_saved_loras(Path(path))
     return pipe
+
+
+def _note_saved_loras(folder: Path) -> None:
+    """One warning line when the export carries unfused LoRA adapters (loaded without them; docs/lora.md)."""
+    import json
+    import logging
+
+    entry = json.loads((folder / "qdiff.json").read_text()).get("lora_adapters")
+    if entry:
+        names = ", ".join(a["name"] for a in entry["adapters"])
+        logging.getLogger("qdiff").warning(
+            "%s: loaded without its unfused LoRA adapters (%s, in lora/); put them back with "
+            "qdiff.lora.load_saved_loras(pipe, %r)",
+            folder,
+            names,
+            str(folder),
+        )
 
 
 def fit_schedule(

@@ -73,7 +73,9 @@ def cmd_quantize(args) -> int:
     default_recipe = _default_recipe(args.model)
     if calib is not None and (calib / "recipe.yaml").is_file():
         default_recipe = calib / "recipe.yaml"
-    recipe = qdiff.Recipe.load(args.recipe or default_recipe)  # validate inputs before any heavy work
+    recipe = _recipe_loras(args, qdiff.Recipe.load(args.recipe or default_recipe))  # inputs checked before work
+    if calib is not None:
+        _check_calib_loras(calib, recipe)
     plan = Plan.load(args.plan or calib / "plan.json") if (args.plan or calib) else None
     ranges = None
     if calib is not None and (calib / "ranges.json").is_file():
@@ -94,6 +96,7 @@ def cmd_quantize(args) -> int:
     place(pipe, args.device, _source_dtype(args))
     _, den = find_denoiser(pipe)
     checkpoint, fp_memory = checkpoint_footprint(spec, den), module_footprint(den)
+    _fuse_loras(pipe, recipe)  # before the FP reference of --eval: float + LoRA vs quantized + LoRA
     evaluator = _fp_evaluation(args, pipe, recipe) if args.eval else None
     qdiff.quantize(pipe, recipe, plan=plan, progress=not args.no_progress, ranges=ranges)
     q_bytes = module_nbytes(den)
@@ -105,6 +108,7 @@ def cmd_quantize(args) -> int:
     print(f"model      {spec}")
     print(f"recipe     {recipe.name}: {recipe.description or recipe.weights}")
     print(f"layers     {len(layers)} quantized ({', '.join(f'{n}x {t}' for t, n in sorted(tags.items()))})")
+    _print_loras(recipe)
     print(f"denoiser   {size_line(checkpoint, fp_memory, q_bytes)}")  # all measured from tensors
     print(f"export     {out}  ({time.perf_counter() - t0:.1f} s)")
     if evaluator is not None:
@@ -175,10 +179,42 @@ def _stream(args, spec: str, recipe, plan, ranges, out: Path, t0: float) -> int:
     print(f"recipe     {recipe.name}: {recipe.description or recipe.weights}")
     counts = ", ".join(f"{n}x {t}" for t, n in sorted(tags.items()))
     print(f"layers     {len(manifest['layers'])} quantized ({counts})")
+    _print_loras(recipe)
     print(f"denoiser   {checkpoint / unit:.2f} {name} {'+'.join(dtypes)} checkpoint -> {quantized / unit:.2f} {name} "
           f"quantized ({quantized / checkpoint:.3f}x the checkpoint, measured from the files)")  # fmt: skip
     print(f"export     {out}  ({time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+def _recipe_loras(args, recipe):
+    """The recipe with ``--lora`` (replacing its ``loras``) checked and hashed; untouched without any LoRA."""
+    if not args.lora and not recipe.loras:
+        return recipe
+    from qdiff.lora.fuse import with_loras
+
+    return with_loras(recipe, args.lora)
+
+
+def _check_calib_loras(calib: Path, recipe) -> None:
+    """A calibration is only valid for the LoRAs it saw fused: the same files (sha256) at the same scales."""
+    import qdiff
+
+    seen = qdiff.Recipe.load(calib / "recipe.yaml").loras if (calib / "recipe.yaml").is_file() else ()
+    if [(x.sha256, x.scale) for x in seen] != [(x.sha256, x.scale) for x in recipe.loras]:
+        fused = " ".join(f"--lora {x.label()}" for x in seen) or "no --lora"
+        raise QdiffError(f"--calib {calib} was calibrated with other LoRAs fused; quantize with the same ({fused})")
+
+
+def _fuse_loras(pipe, recipe) -> None:
+    if recipe.loras:
+        from qdiff.lora.fuse import fuse_recipe_loras
+
+        fuse_recipe_loras(pipe, recipe)
+
+
+def _print_loras(recipe) -> None:
+    for lora in recipe.loras:
+        print(f"lora       {lora.label()} fused into the float weights (sha256 {lora.sha256[:12]}...)")
 
 
 def _default_recipe(model: str | None) -> str:
@@ -250,9 +286,14 @@ def cmd_calibrate(args) -> int:
         recipe = recipe.replace(sensitivity=dataclasses.replace(recipe.sensitivity, mode=args.mode))
     if args.offload:
         recipe = recipe.replace(calibration=dataclasses.replace(recipe.calibration, offload=args.offload))
+    recipe = _recipe_loras(args, recipe)
     out = _output_folder(args)
     spec = _model_spec(args, recipe)
-    if recipe.calibration.offload == "sequential" and Path(spec, "model_index.json").is_file():
+    sequential = recipe.calibration.offload == "sequential" and Path(spec, "model_index.json").is_file()
+    if sequential and recipe.loras:
+        raise QdiffError("--lora with --offload sequential: the denoiser's blocks stay on disk and cannot be fused; "
+                         "use --offload model, or fuse the LoRA into a saved float model first")  # fmt: skip
+    if sequential:
         from qdiff.calib.offload import load_offloaded, on_device
 
         pipe = load_offloaded(spec, torch_dtype=args.dtype)  # the denoiser's blocks stay on disk
@@ -261,6 +302,7 @@ def cmd_calibrate(args) -> int:
     else:
         pipe = load_pipeline(spec, torch_dtype=args.dtype, config=args.config)
         place(pipe, args.device, _source_dtype(args))
+        _fuse_loras(pipe, recipe)  # ranges, sensitivities and the plan of the model that will run
     result = calibrate_to_folder(pipe, recipe, out, overwrite=args.overwrite, progress=not args.no_progress)
     meta = result.plan.meta
     if not _main_rank():

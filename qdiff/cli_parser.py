@@ -11,6 +11,12 @@ import argparse
 from qdiff.utils.cli_args import image_size, non_negative_float, positive_int, seed
 
 
+def _add_lora(p) -> None:
+    p.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                   help="fuse this .safetensors LoRA into the float weights first (scale default 1.0; repeat for "
+                   "several, fused in order; replaces the recipe's loras), see docs/lora.md")  # fmt: skip
+
+
 def _add_quantize(sub) -> None:
     p = sub.add_parser("quantize", help="quantize a pipeline with a recipe (or a plan) and export it")
     p.add_argument("--model", help="local diffusers folder, hub id in the local cache, or builtin:NAME")
@@ -26,6 +32,7 @@ def _add_quantize(sub) -> None:
     p.add_argument("--in-memory", action="store_true",
                    help="load the whole float model instead of streaming a local checkpoint tensor by tensor "
                    "(streaming is the default where the recipe needs no forward pass)")  # fmt: skip
+    _add_lora(p)
     p.add_argument("--eval-prompts", default=None, help="prompts for --eval (default: shapes-heldout or coco)")
     p.add_argument("--eval-num-prompts", type=positive_int("--eval-num-prompts"), default=256,
                    help="number of --eval prompts (default: 256)")  # fmt: skip
@@ -126,6 +133,7 @@ def _add_calibrate(sub) -> None:
     p.add_argument("--offload", choices=("none", "model", "sequential"), default=None,
                    help="bounded memory: components (model) or denoiser blocks (sequential, read from disk one at a "
                         "time) off the device; default: the recipe's calibration.offload")  # fmt: skip
+    _add_lora(p)
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 

@@ -21,7 +21,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("_kernels",),  # Triton device code (kernels/, installed as qdiff._kernels)
     ("backends",),  # frozen-op implementations and their registry
     ("quant",),  # quantized modules, observers, transform
-    ("sched",),  # Q-Sched scheduler wrapper, JAQ, scorers, search
+    ("sched", "lora"),  # Q-Sched scheduler wrapper, JAQ, scorers, search; LoRA layers beside frozen ones, LoRA fusing
     ("export",),  # every byte written or read: save, load, manifest, model resolution
     ("calib",),  # capture, sensitivity, allocation
     ("engines",),  # an export as another runtime's model (OpenVINO): export-openvino and its loader

@@ -26,6 +26,8 @@ def test_import_is_lazy_and_offline():
         # touching the public API must not pull Triton or CUDA either
         qdiff.Recipe, qdiff.quantize, qdiff.save, qdiff.load
         assert "triton" not in sys.modules, "triton imported by the API modules"
+        import qdiff.api, qdiff.lora
+        assert "peft" not in sys.modules, "peft imported before a LoRA is loaded"
         import torch
         assert not torch.cuda.is_initialized()
         print("ok")

@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from qdiff.config.loras import LoraFile
 from qdiff.config.sections import (  # sections are part of the recipe API: re-exported here
     KERNELS,
     ActivationConfig,
@@ -52,6 +53,7 @@ class Recipe:
     allocation: AllocationConfig = field(default_factory=AllocationConfig)
     qsched: QSchedConfig = field(default_factory=QSchedConfig)
     text_encoders: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    loras: tuple[LoraFile, ...] = ()  # LoRA files fused into the float weights first (qdiff.config.loras)
     bos_aware: bool = False  # cross-attention K/V: token 0 skips the activation quantizer, FP weights (MixDQ)
     skip: tuple[str, ...] = ()  # extra layer-name patterns (fnmatch) kept in full precision
     quantize_protected: bool = False  # also quantize the adapter's protected layers (conv_in, conv_out, ...)
@@ -67,6 +69,7 @@ class Recipe:
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["skip"] = list(self.skip)
+        out["loras"] = [dict(entry) for entry in out["loras"]]
         out["sensitivity"] = {k: list(v) if isinstance(v, tuple) else v for k, v in out["sensitivity"].items()}
         out["qsched"] = {k: list(v) if isinstance(v, tuple) else v for k, v in out["qsched"].items()}
         return out

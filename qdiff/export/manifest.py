@@ -121,12 +121,14 @@ def build_manifest(
     files: dict[str, str],
     text_encoders: dict[str, Any] | None = None,
     denoiser_only: bool = False,
+    lora_adapters: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The ``qdiff.json`` document, written alike by ``qdiff.save`` and the streaming quantizer.
 
     ``denoiser``: ``{attr, class, family, weights}`` with ``weights`` the single tensors file or, when sharded, the
     ``.safetensors.index.json`` naming the shards. ``denoiser_only``: the export holds only the denoiser (streamed
     from a denoiser folder or single file: no VAE, text encoders, tokenizers or scheduler; no ``model_index.json``).
+    ``lora_adapters``: unfused LoRA adapters saved beside the export in ``lora/`` (:mod:`qdiff.lora.saved`).
     """
     import qdiff
 
@@ -143,6 +145,7 @@ def build_manifest(
         "layers": layers,  # versioned layer specs
         **({"text_encoders": text_encoders} if text_encoders else {}),  # optional field
         **({"denoiser_only": True} if denoiser_only else {}),  # optional field
+        **({"lora_adapters": lora_adapters} if lora_adapters else {}),  # optional field
         "schedule": schedule,  # Q-Sched coefficients (also in scheduler/qsched.json), or None
         "files": files,
     }

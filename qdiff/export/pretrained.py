@@ -30,18 +30,27 @@ from qdiff.errors import QdiffError
 from qdiff.export.card import CARD
 from qdiff.export.checkpoint import MODEL_INDEX
 from qdiff.export.manifest import MANIFEST
+from qdiff.lora.saved import LORA_FOLDER
 
 _TMP_PREFIX = ".qdiff-tmp-"  # the temp folder inside DIR (a killed save leaves it, and no qdiff.json)
 
 
 def attach_save(module: nn.Module) -> None:
-    """Give a qdiff-quantized denoiser the ``save_pretrained`` that writes a qdiff export (idempotent)."""
+    """Give a qdiff-quantized denoiser the ``save_pretrained`` that writes a qdiff export, and the LoRA entry points
+    that wrap its quantized layers (:mod:`qdiff.lora.inject`); idempotent."""
+    from qdiff.lora.inject import attach_lora_hooks
+
     module.save_pretrained = types.MethodType(_save_denoiser, module)
+    attach_lora_hooks(module)
 
 
 def attach_text_encoder_save(encoder: nn.Module) -> None:
-    """Give a quantized text encoder the ``save_pretrained`` that leaves its folder to the pipeline's export."""
+    """Give a quantized text encoder the ``save_pretrained`` that leaves its folder to the pipeline's export, and the
+    LoRA entry points (:mod:`qdiff.lora.inject`)."""
+    from qdiff.lora.inject import attach_lora_hooks
+
     encoder.save_pretrained = types.MethodType(_save_text_encoder, encoder)
+    attach_lora_hooks(encoder)
 
 
 def _pipeline_call(module: nn.Module, target: Path) -> tuple[Any, Path, dict[str, Any]] | None:
@@ -122,7 +131,7 @@ def save_into(pipe, root: Path) -> None:
     from qdiff.quant.text_encoders import TEXT_ENCODER_ATTRS, text_encoder_mode
 
     root = Path(root)
-    allowed = {*pipe.components, MODEL_INDEX, MANIFEST, CARD}
+    allowed = {*pipe.components, MODEL_INDEX, MANIFEST, CARD, LORA_FOLDER}
     for entry in sorted(root.iterdir()):
         if entry.name.startswith(_TMP_PREFIX) and entry.is_dir():
             shutil.rmtree(entry, ignore_errors=True)  # left by a killed save
@@ -131,8 +140,8 @@ def save_into(pipe, root: Path) -> None:
                 f"{entry}: not part of the pipeline; a qdiff export is the whole folder, save into a new or empty one"
             )
     for attr in TEXT_ENCODER_ATTRS:  # those diffusers saves after the denoiser must not overwrite the export
-        encoder = getattr(pipe, attr, None)
-        if isinstance(encoder, nn.Module) and text_encoder_mode(encoder):
+        encoder = getattr(pipe, attr, None)  # (quantized, or with a LoRA that transformers would save alone)
+        if isinstance(encoder, nn.Module) and (text_encoder_mode(encoder) or getattr(encoder, "peft_config", None)):
             attach_text_encoder_save(encoder)
     tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=root))
     try:

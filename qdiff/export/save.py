@@ -105,7 +105,11 @@ def _quantized_denoiser(pipe):
 def write_export(pipe, folder: Path, max_shard_bytes: float = MAX_SHARD_BYTES) -> None:
     """Write ``pipe``'s export into the empty folder ``folder`` (not atomic: callers write into a temp folder and
     move it, as :func:`save_quantized` and ``pipe.save_pretrained`` (``qdiff.export.pretrained``) do)."""
-    _write(pipe, *_quantized_denoiser(pipe), Path(folder), max_shard_bytes)
+    from qdiff.lora.saved import detached_loras
+
+    found = _quantized_denoiser(pipe)
+    with detached_loras(pipe) as adapters:  # unfused LoRAs: the export without them, each adapter beside it
+        _write(pipe, *found, Path(folder), max_shard_bytes, adapters)
 
 
 def _schedule(pipe) -> dict | None:
@@ -115,7 +119,7 @@ def _schedule(pipe) -> dict | None:
     return None if schedule is None else schedule.to_dict()
 
 
-def _write(pipe, attr: str, den, info, tmp: Path, max_shard_bytes: float) -> None:
+def _write(pipe, attr: str, den, info, tmp: Path, max_shard_bytes: float, adapters=None) -> None:
     from qdiff.export.text_encoders import save_text_encoder
     from qdiff.quant.text_encoders import TEXT_ENCODER_ATTRS, text_encoder_mode
 
@@ -152,6 +156,7 @@ def _write(pipe, attr: str, den, info, tmp: Path, max_shard_bytes: float) -> Non
         schedule=_schedule(pipe),
         files={},
         text_encoders=text_encoders,
+        lora_adapters=adapters.write(tmp) if adapters is not None else None,  # lora/*.safetensors (qdiff.lora.saved)
     )
     write_denoiser_files(tmp / attr, weights, info.recipe.name)  # quantization_config + diffusers index
     write_card(tmp, manifest)  # README.md, hashed with the rest

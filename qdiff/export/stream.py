@@ -8,7 +8,9 @@ tensor (:mod:`qdiff.export.checkpoint`) in file order:
 * a quantized layer: its weight and bias are read, become one float ``nn.Linear`` / ``nn.Conv2d`` in the on-disk
   dtype or ``dtype`` (the quantizer upcasts to fp32 internally, exactly as on a loaded pipeline), go through
   ``quant_module_for`` + static ranges + ``freeze`` and the frozen layer's tensors are written;
-* any other tensor is copied through in its on-disk dtype (or cast to ``dtype``).
+* any other tensor is copied through in its on-disk dtype (or cast to ``dtype``);
+* the recipe's ``loras`` are fused on the way: each tensor a LoRA changes gets its delta as it is read
+  (:mod:`qdiff.lora.stream`, the same bytes as diffusers' ``fuse_lora`` on the loaded model).
 
 Tensors go straight into planned safetensors shards (:mod:`qdiff.export.shards`), so peak memory is about one
 layer. The export equals ``qdiff.quantize`` + ``qdiff.save`` of the same pipeline loaded in the checkpoint's dtype
@@ -94,6 +96,9 @@ def can_stream(recipe: Recipe, plan: Plan | None = None, ranges: Ranges | None =
         )
     if recipe.qsched.enabled:
         return False, "recipe.qsched is enabled: Q-Sched draws images with the quantized pipeline to fit its schedule"
+    changed = [lora.path for lora in recipe.loras if _text_encoder_lora(lora)]
+    if changed:
+        return False, f"the LoRA {changed[0]} also changes a text encoder, which is fused in memory"
     act = recipe.activations
     quantized_acts = any(b.a_bits is not None for b in plan.layers.values()) if plan is not None else act.bits != 16
     if act.mode == "static" and quantized_acts:
@@ -101,6 +106,12 @@ def can_stream(recipe: Recipe, plan: Plan | None = None, ranges: Ranges | None =
             return False, "static activations need ranges from a calibration run (pass those of qdiff calibrate)"
         return True, "static activations from the captured ranges: no forward pass of the float model"
     return True, "dynamic activations: no forward pass of the float model"
+
+
+def _text_encoder_lora(lora) -> bool:
+    from qdiff.lora.files import has_text_encoder_part
+
+    return has_text_encoder_part(lora)
 
 
 def resolve_source(source: str | Path, config: str | Path | None = None) -> Source:
@@ -225,6 +236,7 @@ class _Job:
     cast: torch.dtype | None  # float tensors are read in this dtype (None: as on disk)
     torch_dtype: str
     layers: dict[str, Any]  # the manifest's layer table
+    deltas: Any = None  # qdiff.lora.stream.LayerDeltas of the recipe's LoRAs, added to each tensor as it is read
 
     @classmethod
     def plan(cls, src: Source, reader: CheckpointReader, recipe: Recipe, plan: Plan | None, ranges,
@@ -264,11 +276,14 @@ class _Job:
                     name = f"{layer}.{leaf}"  # the bias as read; codes and scales in their own dtypes
                     out_specs.append(TensorSpec(name, tuple(t.shape), stored(name) if name in reader else t.dtype))
         first_float = next(n for n, p in den.named_parameters() if p.is_floating_point())
+        from qdiff.lora.stream import LayerDeltas  # the recipe's LoRAs, fused layer by layer as they are read
+
+        deltas = LayerDeltas.plan(den_cls, config, arch.attr, src.pipeline, recipe.loras) if recipe.loras else None
         return cls(
             attr=arch.attr, cls_name=den_cls.__name__, family=arch.family, den=den, specs=specs,
             float_layers=float_layers, acts=acts, order=order, out_specs=out_specs, kernel=recipe.kernel, cast=cast,
             torch_dtype=str(stored(first_float)).removeprefix("torch."),
-            layers={name: layer_entry(m) for name, m in shells.items()},
+            layers={name: layer_entry(m) for name, m in shells.items()}, deltas=deltas,
         )  # fmt: skip
 
     def write(self, reader: CheckpointReader, folder: Path, max_shard_bytes: float, progress: bool) -> str:
@@ -309,6 +324,8 @@ class _Job:
         tensor = reader.get(key)
         if self.cast is not None and tensor.is_floating_point():
             tensor = tensor.to(self.cast)  # as diffusers' torch_dtype: before the finite check (fp16 may overflow)
+        if self.deltas is not None and self.deltas.owns(key):
+            tensor = self.deltas.apply(key, tensor)  # the fused LoRAs, as fuse_lora adds them in this dtype
         try:
             check_tensor(tensor)
         except NonFiniteError as exc:

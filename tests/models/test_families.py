@@ -49,6 +49,11 @@ def _small(name: str, tmp_path, steps: int = 2) -> tuple[Recipe, str]:
         calibration=dataclasses.replace(recipe.calibration, num_prompts=2, batch_size=2),
         sensitivity=dataclasses.replace(recipe.sensitivity, fast_prompts=1),
     )
+    if recipe.loras:  # the PCM recipes fuse their LoRA first: a seeded tiny LoRA stands in for the real file
+        from qdiff.models.tiny_loras import write_tiny_lora
+
+        lora = write_tiny_lora(load_pipeline("builtin:tiny-pcm-sdxl"), tmp_path / "pcm-lora.safetensors")
+        small = small.replace(loras=(dataclasses.replace(recipe.loras[0], path=str(lora)),))
     path = tmp_path / f"{name}-small.yaml"
     small.save(path)
     return small, str(path)
