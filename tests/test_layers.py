@@ -33,3 +33,11 @@ def test_checker_catches_lazy_upward_and_sibling_imports(tmp_path):
     assert any("numerics/b.py:1: numerics imports models, a sibling" in v for v in found), found
     assert any(v.startswith("mystery: not placed in LAYERS") for v in found), found
     assert not any("export/c.py" in v for v in found), found
+
+
+def test_the_suite_has_one_conftest():
+    """Test folders are not packages, so pytest imports every ``conftest.py`` as the module ``conftest``: a second
+    one replaces the root's in ``sys.modules`` and every ``from conftest import ...`` collected after it fails (the
+    CI run of aa726d8 stopped at collection this way; a local run of one folder does not show it)."""
+    found = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("conftest.py"))
+    assert found == ["tests/conftest.py"]

@@ -15,6 +15,8 @@ from torch import nn
 
 ov = pytest.importorskip("openvino")
 
+from ov_layers import Holder, frozen_layer  # noqa: E402
+
 from qdiff.engines.openvino.convert import (  # noqa: E402
     I4_MAX,
     I4_MIN,
@@ -53,9 +55,9 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("kind,w_bits,split", [("linear", 8, None), ("linear", 4, None), ("conv", 8, None),
                                                ("conv", 4, None), ("conv", 8, 10)])  # fmt: skip
-def test_static_layers_run_int8_and_match_the_reference(frozen_layer, holder, kind, w_bits, split):
+def test_static_layers_run_int8_and_match_the_reference(kind, w_bits, split):
     layer, x = frozen_layer(kind, w_bits, "static", None, split)
-    wrapped = holder(layer)
+    wrapped = Holder(layer)
     with torch.no_grad():
         ref = wrapped(x)
     model = _convert(wrapped, x)
@@ -67,10 +69,10 @@ def test_static_layers_run_int8_and_match_the_reference(frozen_layer, holder, ki
     assert _rel(y, ref) < 1e-5
 
 
-def test_dynamic_linear_per_token_matches_the_reference_with_group_k(frozen_layer, holder):
+def test_dynamic_linear_per_token_matches_the_reference_with_group_k():
     """qdiff's W8A8 dynamic per-token activations = the plugin's dynamic quantization with group size K."""
     layer, x = frozen_layer("linear", 8, "dynamic", None)
-    wrapped = holder(layer)
+    wrapped = Holder(layer)
     with torch.no_grad():
         ref = wrapped(x)
         weight_only = x @ layer.dequantized_weight().T + layer.bias
@@ -80,11 +82,11 @@ def test_dynamic_linear_per_token_matches_the_reference_with_group_k(frozen_laye
     assert _rel(y_off, weight_only) < 1e-5  # group 0: float activations (what differs when K has no common group)
 
 
-def test_group_wise_dynamic_4bit_codes_are_stored_as_int4_and_compile_with_a_bias(frozen_layer, holder):
+def test_group_wise_dynamic_4bit_codes_are_stored_as_int4_and_compile_with_a_bias():
     """The plugin's compressed-weight path (i4 + dynamic activations); a bias on a group-decompressed MatMul once
     failed to compile ("Check 'data.size() == OC'") unless the decompression ended with a Convert."""
     layer, x = frozen_layer("linear", 4, "dynamic", 24)
-    wrapped = holder(layer)
+    wrapped = Holder(layer)
     model = _convert(wrapped, x)
     assert store_low_bits(model) == 1
     types = {op.get_output_element_type(0).get_type_name() for op in model.get_ordered_ops()
@@ -107,18 +109,18 @@ def test_int4_packing_round_trips_bit_exactly():
     assert np.array_equal(pack_i4(np.array([1, -1], dtype=np.int8)), np.array([0xF1], dtype=np.uint8))  # low first
 
 
-def test_eight_bit_codes_are_never_rewritten(frozen_layer, holder):
+def test_eight_bit_codes_are_never_rewritten():
     layer, x = frozen_layer("linear", 8, "dynamic", None)
-    model = _convert(holder(layer), x)
+    model = _convert(Holder(layer), x)
     assert store_low_bits(model) == 0
 
 
-def test_static_4bit_codes_on_disk_as_i4_run_int8_after_widening(frozen_layer, holder):
+def test_static_4bit_codes_on_disk_as_i4_run_int8_after_widening():
     """Without widening the plugin runs a FakeQuantize'd MatMul with i4 weights through its weight-decompression
     kernel (float activations: slower, same numbers; on Shapes W4A8-static every FullyConnected and 24 of 50
     convolutions); widened to int8 it runs u8 x i8."""
     layer, x = frozen_layer("linear", 4, "static", None)
-    wrapped = holder(layer)
+    wrapped = Holder(layer)
     with torch.no_grad():
         ref = wrapped(x)
     model = _convert(wrapped, x)

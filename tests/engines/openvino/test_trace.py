@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ov_layers import Holder, frozen_layer
 from torch import nn
 
 from qdiff.config.layer import LayerQuant
@@ -23,9 +24,9 @@ CASES = [
 
 
 @pytest.mark.parametrize("kind,w_bits,mode,group,split", CASES)
-def test_traced_layer_equals_the_reference(frozen_layer, holder, kind, w_bits, mode, group, split):
+def test_traced_layer_equals_the_reference(kind, w_bits, mode, group, split):
     layer, x = frozen_layer(kind, w_bits, mode, group, split)
-    wrapped = holder(layer)
+    wrapped = Holder(layer)
     with torch.no_grad():
         ref = wrapped(x)
         with traced_layers(wrapped) as layers:
@@ -38,10 +39,10 @@ def test_traced_layer_equals_the_reference(frozen_layer, holder, kind, w_bits, m
 
 
 @pytest.mark.parametrize("w_bits,group", [(8, None), (4, 24), (4, None)])
-def test_dynamic_linear_is_traced_weight_only(frozen_layer, holder, w_bits, group):
+def test_dynamic_linear_is_traced_weight_only(w_bits, group):
     """Per-token activations are left to the OpenVINO plugin: the trace is the decompressed weight's product."""
     layer, x = frozen_layer("linear", w_bits, "dynamic", group)
-    wrapped = holder(layer)
+    wrapped = Holder(layer)
     w = layer.dequantized_weight().double()
     with torch.no_grad(), traced_layers(wrapped):
         traced = wrapped(x)
@@ -58,7 +59,7 @@ def test_decompressed_weight_handles_a_ragged_last_group():
     assert w.shape == (5, 70) and torch.equal(w, expected)
 
 
-def test_bos_aware_layers_keep_their_full_precision_row(holder):
+def test_bos_aware_layers_keep_their_full_precision_row():
     from qdiff.quant.bos import BOSQuantLinear
 
     torch.manual_seed(0)
@@ -72,7 +73,7 @@ def test_bos_aware_layers_keep_their_full_precision_row(holder):
     layer.kernel = "torch"
     x = torch.randn(2, 5, 16)
     x[:, 0] = bos
-    wrapped = holder(layer)
+    wrapped = Holder(layer)
     with torch.no_grad():
         ref = wrapped(x)
         with traced_layers(wrapped):
@@ -81,7 +82,7 @@ def test_bos_aware_layers_keep_their_full_precision_row(holder):
     assert torch.allclose(traced, ref, rtol=0, atol=1e-5)
 
 
-def test_frozen_layers_lists_only_frozen_quantized_layers(frozen_layer):
+def test_frozen_layers_lists_only_frozen_quantized_layers():
     layer, _ = frozen_layer("linear", 8, "static", None)
     fake = quant_module_for(nn.Linear(4, 4), LayerQuant.from_dict({"w_bits": 8}))
     model = nn.ModuleDict({"a": layer, "b": fake, "c": nn.Linear(2, 2)})
