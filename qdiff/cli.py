@@ -449,6 +449,16 @@ def cmd_fit_schedule(args) -> int:
 
     print("\n".join(format_report(result.report)))  # every metric measured on the validation prompts
     print(f"log        {log}  ({result.new_generations} new of {result.generations} generations)")
+    if result.report.get("families"):  # the per-family decision, kept or not (a kept schedule also carries it)
+        import json
+
+        from qdiff.bench.report import write_atomic
+
+        report = write_atomic(
+            log.with_name(f"{log.stem}.report.json"),
+            json.dumps({"message": result.message, **result.report["families"]}, indent=1) + "\n",
+        )
+        print(f"report     {report}")
     if not result.accepted and not args.out:
         print(f"export     {folder} unchanged")
         return 0

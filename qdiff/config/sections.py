@@ -214,6 +214,8 @@ class AllocationConfig:
 
 QSCHED_PARAMETERISATIONS = ("ramp", "ramp4", "per_step")
 QSCHED_OPTIMISERS = ("grid", "cmaes", "coordinate")
+# prompt families (qdiff.sched.families): Shapes caption attributes, or k-means clusters of text embeddings
+QSCHED_FAMILIES = ("background", "colour", "size", "position", "shape", "template", "embedding")
 
 
 @dataclass(frozen=True)
@@ -248,6 +250,16 @@ class QSchedConfig:
     trust_radius: tuple[float, ...] = ()  # |c - 1| <= r; several radii: the best on validation is kept
     guard: bool = False  # keep the plain scheduler when validation images drift from the un-scheduled distribution
     guard_tolerance: float = 0.0  # allowed drift ratio above 1 (FD to a second un-scheduled draw, vs identity's)
+    # Per-family validation (issue 25; qdiff.sched.family_fit, docs/qsched.md "Prompt families"):
+    families: tuple[str, ...] = ()  # attributes that split the prompts into families; () = off (pooled guard)
+    family_clusters: int = 4  # k-means clusters for families: [embedding]
+    validation_seeds: int = 1  # seeds per validation prompt (the bootstrap resamples prompts and seeds)
+    confidence: float = 0.95  # bootstrap interval level of the per-family test
+    bootstrap: int = 1000  # bootstrap replicates
+    family_tolerance: float = 0.0  # allowed FD-proxy increase per family, as a fraction of its noise floor
+    shrinkage: tuple[float, ...] = ()  # ridge strengths toward identity, chosen by cross-validation over families
+    cv_folds: int = 3  # folds of the first family attribute's families for that cross-validation
+    reference_steps: int | None = None  # steps of the un-scheduled reference/anchor draws (None: the sampler's own)
 
     def __post_init__(self) -> None:
         self.validate("qsched")
@@ -286,6 +298,44 @@ class QSchedConfig:
         if not isinstance(self.guard, bool):
             raise fail(f"{path}.guard", f"must be true or false, got {self.guard!r}")
         positive(f"{path}.guard_tolerance", self.guard_tolerance, allow_zero=True)
+        self._validate_families(path)
+
+    def _validate_families(self, path: str) -> None:
+        if not isinstance(self.families, tuple):
+            raise fail(f"{path}.families", f"must be a list of attributes, got {self.families!r}")
+        for i, f in enumerate(self.families):
+            choice(f"{path}.families[{i}]", f, QSCHED_FAMILIES)
+        if len(set(self.families)) != len(self.families):
+            raise fail(f"{path}.families", f"attributes must be distinct, got {list(self.families)}")
+        if self.families and self.features == "none":
+            raise fail(f"{path}.features", "families need image features for the per-family test (e.g. 'shapes-clip')")
+        for key in ("family_clusters", "validation_seeds", "bootstrap", "cv_folds"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise fail(f"{path}.{key}", f"must be an integer, got {value!r}")
+            positive(f"{path}.{key}", value)
+        if self.reference_steps is not None:
+            if isinstance(self.reference_steps, bool) or not isinstance(self.reference_steps, int):
+                raise fail(f"{path}.reference_steps", f"must be an integer or null, got {self.reference_steps!r}")
+            positive(f"{path}.reference_steps", self.reference_steps)
+            if self.features == "none":
+                raise fail(f"{path}.reference_steps", "reference images are compared in image features: set features")
+        if self.heldout_prompts * self.validation_seeds > 10_000:
+            raise fail(f"{path}.validation_seeds", "heldout_prompts x validation_seeds must be <= 10000 (seed ranges)")
+        positive(f"{path}.confidence", self.confidence)
+        if not self.confidence < 1:
+            raise fail(f"{path}.confidence", f"must be in (0, 1), got {self.confidence!r}")
+        positive(f"{path}.family_tolerance", self.family_tolerance, allow_zero=True)
+        if not isinstance(self.shrinkage, tuple):
+            raise fail(f"{path}.shrinkage", f"must be a list of ridge strengths, got {self.shrinkage!r}")
+        for i, a in enumerate(self.shrinkage):
+            positive(f"{path}.shrinkage[{i}]", a, allow_zero=True)
+        if list(self.shrinkage) != sorted(set(self.shrinkage)):
+            raise fail(f"{path}.shrinkage", f"strengths must be increasing and distinct, got {list(self.shrinkage)}")
+        if self.shrinkage and not self.families:
+            raise fail(f"{path}.shrinkage", "the strength is chosen by cross-validation over families: set families")
+        if self.families and len(self.trust_radius) > 1:
+            raise fail(f"{path}.trust_radius", "with families, one radius at most (shrinkage replaces the choice)")
 
 
 TEXT_CLIP_MODES = ("none", "w8a8")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,11 +185,16 @@ def fit(
     cache: EvalCache | None = None,
     progress: bool = True,
     penalty: Penalty | None = None,
+    subset: Sequence[int] | None = None,
+    ridge: float = 0.0,
 ) -> FitResult:
     """Search ``cfg.parameterisation`` with ``cfg.optimiser``; validate on the held-out split.
 
     ``penalty(key)``, when given, is subtracted from the JAQ of every fitting-split evaluation (the search
     maximises ``JAQ - penalty``; the reported fitting JAQ includes it, the held-out JAQ does not).
+    ``subset``: the fitting prompts whose scores enter the objective (all are drawn, so evaluations are shared
+    with fits on other subsets); ``ridge``: shrinkage toward identity, ``ridge * mean((c - 1)^2)`` over every
+    coefficient is subtracted from the fitting JAQ (:func:`ridge_penalty`).
     """
     cache = cache or EvalCache(None, {})
     name, lo, hi = cfg.parameterisation, cfg.range_min, cfg.range_max
@@ -216,7 +221,11 @@ def fit(
             state["gens"] += n
             bar.update(n if split == "fit" else 0)
         a, q = hit
+        if split == "fit" and subset is not None:
+            a, q = [a[i] for i in subset], [q[i] for i in subset]
         value = float(jaq(_t(a), _t(q), cfg.k, cfg.log_alignment, cfg.alignment_weight))
+        if split == "fit" and ridge:
+            value -= ridge * ridge_penalty(sched)
         return value - penalty(key) if penalty is not None and split == "fit" else value
 
     def objective(theta) -> float:
@@ -272,6 +281,12 @@ def fit(
         heldout_jaq_best=held_best, evaluations=state["evals"], generations=state["gens"],
         new_generations=state["new"], curve=tuple(curve),
     )  # fmt: skip
+
+
+def ridge_penalty(sched: Schedule) -> float:
+    """``mean((c - 1)^2)`` over all coefficients (c_eps and c_x): the shrinkage term's distance from identity."""
+    values = sched.c_eps + sched.c_x
+    return sum((v - 1.0) ** 2 for v in values) / len(values)
 
 
 def _t(values: list[float]) -> Tensor:

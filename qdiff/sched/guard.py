@@ -40,6 +40,7 @@ from qdiff.sched.jaq import alignment_term, jaq, quality_term
 from qdiff.sched.qsched import Schedule
 
 REFERENCE_SPLIT = "reference"  # validation prompts, other seeds, identity schedule: the guard's second draw
+ANCHOR_SPLIT = "anchor"  # fitting prompts and seeds, un-scheduled at qsched.reference_steps: the anchor's images
 
 
 # ---- statistics ---------------------------------------------------------------------------------------------
@@ -127,7 +128,7 @@ def choose(cands: Sequence[Candidate], cfg: QSchedConfig) -> tuple[int | None, s
 
 
 # ---- the guarded fit ----------------------------------------------------------------------------------------
-class _KeyLog:
+class KeyLog:
     """Cache proxy that records which keys a fit touched (to count distinct generations across radii)."""
 
     def __init__(self, cache: EvalCache) -> None:
@@ -159,30 +160,18 @@ def fit_guarded(
     ``evaluate`` must return image features as a third output when ``cfg.features`` is set, and accept the
     split ``"reference"`` (validation prompts, other seeds) when ``cfg.guard`` is on.
     """
-    log = _KeyLog(cache or EvalCache(None, {}))
+    log = KeyLog(cache or EvalCache(None, {}))
     name = cfg.parameterisation
     ident = rounded_schedule(name, params.identity_theta(name, steps), steps)
     use_features = cfg.features != "none"
 
     def feats(sched: Schedule, split: str) -> Tensor:
-        rows = log.features(coefficient_key(split, sched))
-        if rows is None:
-            raise QdiffError(f"Q-Sched: no image features recorded for the {split} split (qsched.features is set, "
-                             "but the evaluation log holds scores without features; use a new log)")  # fmt: skip
-        return torch.tensor(rows, dtype=torch.float64)
-
-    penalty = None
-    if cfg.anchor_weight > 0:
-
-        def penalty(key: str) -> float:
-            if key == coefficient_key("fit", ident):
-                return 0.0  # exact: FD of a set with itself is 0 up to rounding
-            rows = log.features(key)
-            if rows is None:
-                raise QdiffError("Q-Sched: the anchor term needs image features (qsched.features)")
-            return cfg.anchor_weight * anchor_distance(torch.tensor(rows), feats(ident, "fit"))
+        return recorded_features(log, sched, split)
 
     new_gens, results, cands = 0, [], []
+    if cfg.anchor_weight > 0 and cfg.reference_steps:
+        new_gens += ensure_scored(evaluate, log, ident, ANCHOR_SPLIT, num_fit)
+    penalty = anchor_penalty(log, cfg, ident)
     for r in cfg.trust_radius or (None,):
         sub = cfg if r is None else dataclasses.replace(cfg, range_min=max(cfg.range_min, 1 - r),
                                                         range_max=min(cfg.range_max, 1 + r))  # fmt: skip
@@ -193,7 +182,7 @@ def fit_guarded(
         if use_features and not best.is_identity:
             anchor = anchor_distance(feats(best, "heldout"), feats(ident, "heldout"))
         if cfg.guard and not best.is_identity:
-            new_gens += _ensure(evaluate, log, ident, REFERENCE_SPLIT, num_heldout)
+            new_gens += ensure_scored(evaluate, log, ident, REFERENCE_SPLIT, num_heldout)
             drift = drift_ratio(feats(best, "heldout"), feats(ident, "heldout"), feats(ident, REFERENCE_SPLIT))
         gain = res.heldout_jaq_best - res.heldout_jaq_identity
         results.append(res)
@@ -201,7 +190,7 @@ def fit_guarded(
     pick, why = choose(cands, cfg)
     shown = pick if pick is not None else max(range(len(cands)), key=lambda i: cands[i].score(cfg.anchor_weight))
     res, cand = results[shown], cands[shown]
-    gens = sum(num_fit if k.startswith("fit|") else num_heldout for k in log.keys)
+    gens = generations(log, num_fit, num_heldout)
     report = _report(cfg, cands, pick, log, ident, steps, name)
     where = f"{name}/{cfg.optimiser}, {gens} generations"
     if pick is not None:
@@ -224,7 +213,42 @@ def fit_guarded(
                                generations=gens, new_generations=new_gens, report=report)  # fmt: skip
 
 
-def _ensure(evaluate: Evaluate, log: _KeyLog, sched: Schedule, split: str, n: int) -> int:
+def recorded_features(log: KeyLog | EvalCache, sched: Schedule, split: str) -> Tensor:
+    """(P, D) float64 image features recorded with ``sched``'s evaluation on ``split``."""
+    rows = log.features(coefficient_key(split, sched))
+    if rows is None:
+        raise QdiffError(f"Q-Sched: no image features recorded for the {split} split (qsched.features is set, "
+                         "but the evaluation log holds scores without features; use a new log)")  # fmt: skip
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def anchor_penalty(log: KeyLog | EvalCache, cfg: QSchedConfig, ident: Schedule):
+    """The anchor term as a fit penalty (cache key -> ``w * anchor_distance``), or None when ``anchor_weight`` is 0.
+
+    The anchor is the un-scheduled images of the fitting prompts: at the sampler's own steps (identity costs 0), or
+    with ``reference_steps`` the ``anchor`` split drawn at that many steps (which the caller has scored).
+    """
+    if not cfg.anchor_weight > 0:
+        return None
+    split = ANCHOR_SPLIT if cfg.reference_steps else "fit"
+
+    def penalty(key: str) -> float:
+        if key == coefficient_key(split, ident):
+            return 0.0  # exact: FD of a set with itself is 0 up to rounding
+        rows = log.features(key)
+        if rows is None:
+            raise QdiffError("Q-Sched: the anchor term needs image features (qsched.features)")
+        return cfg.anchor_weight * anchor_distance(torch.tensor(rows), recorded_features(log, ident, split))
+
+    return penalty
+
+
+def generations(log: KeyLog, num_fit: int, num_heldout: int) -> int:
+    """Images behind the keys a fit touched: fitting-prompt splits count ``num_fit``, the others ``num_heldout``."""
+    return sum(num_fit if k.startswith(("fit|", f"{ANCHOR_SPLIT}|")) else num_heldout for k in log.keys)
+
+
+def ensure_scored(evaluate: Evaluate, log: KeyLog, sched: Schedule, split: str, n: int) -> int:
     """Score ``sched`` on ``split`` unless cached; returns the generations drawn (0 or n)."""
     key = coefficient_key(split, sched)
     if log.get(key) is not None:
@@ -253,7 +277,7 @@ def _num(v: float) -> float | None:
     return None if math.isnan(v) else float(v)
 
 
-def split_metrics(log: _KeyLog | EvalCache, sched: Schedule, split: str, cfg: QSchedConfig) -> dict[str, float]:
+def split_metrics(log: KeyLog | EvalCache, sched: Schedule, split: str, cfg: QSchedConfig) -> dict[str, float]:
     """Mean alignment, quality, the two JAQ terms and JAQ of ``sched``'s cached scores on ``split``."""
     hit = log.get(coefficient_key(split, sched))
     if hit is None:
@@ -273,8 +297,13 @@ def _report(cfg, cands, pick, log, ident, steps, name) -> dict[str, Any]:
                      "validation_score": c.score(cfg.anchor_weight), "anchor": _num(c.anchor),
                      "drift": _num(c.drift), "chosen": i == pick})  # fmt: skip
     return {"features": cfg.features, "anchor_weight": cfg.anchor_weight, "guard": cfg.guard,
-            "guard_tolerance": cfg.guard_tolerance, "heldout_identity": split_metrics(log, ident, "heldout", cfg),
-            "candidates": rows}  # fmt: skip
+            "guard_tolerance": cfg.guard_tolerance, "reference_steps": cfg.reference_steps,
+            "heldout_identity": split_metrics(log, ident, "heldout", cfg), "candidates": rows}  # fmt: skip
+
+
+def _reference(report: dict[str, Any]) -> str:
+    steps = report.get("reference_steps")
+    return f"an un-scheduled {steps}-step draw" if steps else "a second un-scheduled draw"
 
 
 def format_report(report: dict[str, Any]) -> list[str]:
@@ -306,6 +335,10 @@ def format_report(report: dict[str, Any]) -> list[str]:
     else:
         lines.append(
             f"anchor = FD to the un-scheduled images / their variance ({report['features']} features); "
-            "drift = FD to a second un-scheduled draw / the un-scheduled images' (> 1: moved away)"
+            f"drift = FD to {_reference(report)} / the un-scheduled images' (> 1: moved away)"
         )
+    if report.get("families"):
+        from qdiff.sched.decision import format_families
+
+        lines += format_families(report["families"])
     return lines

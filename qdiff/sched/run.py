@@ -18,9 +18,12 @@ from qdiff.config.recipe import Recipe, SamplerConfig
 from qdiff.errors import QdiffError
 from qdiff.sampling.draw import draw, sampler_kwargs
 from qdiff.sampling.prompts import load_prompts
+from qdiff.sched.decision import ValidationGrid
+from qdiff.sched.families import EMBEDDING, label_table, stratified_split
+from qdiff.sched.family_fit import fit_families
 from qdiff.sched.features import FeatureExtractor, make_features
 from qdiff.sched.fit import EvalCache, FitResult
-from qdiff.sched.guard import REFERENCE_SPLIT, fit_guarded
+from qdiff.sched.guard import ANCHOR_SPLIT, REFERENCE_SPLIT, fit_guarded
 from qdiff.sched.qsched import Schedule, apply_schedule, get_schedule
 from qdiff.sched.scorers import Scorer, make_scorer
 
@@ -60,6 +63,37 @@ def split_prompts(recipe: Recipe, prompts: Sequence[str] | str | Path | None) ->
     return prompts[: cfg.num_prompts], prompts[cfg.num_prompts : need]
 
 
+def family_split(pipe, recipe: Recipe, prompts: Sequence[str] | str | Path | None):
+    """(fitting prompts, validation prompts, the fitting prompts' family labels, validation grid): drawn from the
+    prompt source stratified over every family of the ``qsched.families`` attributes."""
+    cfg = recipe.qsched
+    if prompts is None or isinstance(prompts, (str, Path)):
+        prompts = load_prompts(prompts or cfg.prompts or recipe.calibration.prompts)
+    pool = list(prompts)
+    need = cfg.num_prompts + cfg.heldout_prompts
+    if len(pool) < need:
+        raise QdiffError(f"recipe: qsched.num_prompts: {cfg.num_prompts} fitting + {cfg.heldout_prompts} held-out "
+                         f"prompts needed, only {len(pool)} given")  # fmt: skip
+    embed = text_embeddings(pipe, pool) if EMBEDDING in cfg.families else None
+    labels = label_table(pool, cfg.families, embed, cfg.family_clusters, cfg.seed)
+    fit_idx, val_idx = stratified_split(labels, cfg.families, (cfg.num_prompts, cfg.heldout_prompts), cfg.seed)
+    grid = ValidationGrid.build([labels[i] for i in val_idx], cfg.families, cfg.validation_seeds)
+    return [pool[i] for i in fit_idx], [pool[i] for i in val_idx], [labels[i] for i in fit_idx], grid
+
+
+@torch.no_grad()
+def text_embeddings(pipe, prompts: Sequence[str]) -> Tensor:
+    """(P, D) prompt embeddings from the pipeline's own text encoder: its last hidden states, mean over tokens."""
+    tok, enc = getattr(pipe, "tokenizer", None), getattr(pipe, "text_encoder", None)
+    if tok is None or enc is None:
+        raise QdiffError("prompt families by embedding: the pipeline has no tokenizer/text_encoder")
+    ids = tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True,
+              return_tensors="pt")  # fmt: skip
+    mask = ids.attention_mask.to(enc.device)
+    hidden = enc(ids.input_ids.to(enc.device), attention_mask=mask)[0].double()
+    return ((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)).cpu()
+
+
 def fit_pipeline(
     pipe,
     recipe: Recipe,
@@ -78,23 +112,34 @@ def fit_pipeline(
     validation-split metrics of identity and of every searched schedule.
     """
     cfg, sampler = recipe.qsched, recipe.sampler
-    fit_prompts, held_prompts = split_prompts(recipe, prompts)
+    grid = fit_labels = None
+    if cfg.families:  # stratified over prompt families, validated per family (qdiff.sched.family_fit)
+        fit_prompts, held_prompts, fit_labels, grid = family_split(pipe, recipe, prompts)
+    else:
+        fit_prompts, held_prompts = split_prompts(recipe, prompts)
     align = make_scorer(alignment if alignment is not None else cfg.alignment)
     qual = make_scorer(quality if quality is not None else cfg.quality)
     feat_spec = features if features is not None else cfg.features
     feat = None if isinstance(feat_spec, str) and feat_spec == "none" else make_features(feat_spec)
     if feat is not None and cfg.features == "none":
         cfg = dataclasses.replace(cfg, features=feat.name)
+    reps = cfg.validation_seeds if grid is not None else 1  # validation image j * V + i: prompt i, seed slot j
     seeds = {
         "fit": [cfg.seed + i for i in range(len(fit_prompts))],
-        "heldout": [cfg.seed + HELDOUT_SEED_OFFSET + i for i in range(len(held_prompts))],
-        REFERENCE_SPLIT: [cfg.seed + REFERENCE_SEED_OFFSET + i for i in range(len(held_prompts))],
+        "heldout": [cfg.seed + HELDOUT_SEED_OFFSET + i for i in range(len(held_prompts) * reps)],
+        REFERENCE_SPLIT: [cfg.seed + REFERENCE_SEED_OFFSET + i for i in range(len(held_prompts) * reps)],
     }
-    texts = {"fit": fit_prompts, "heldout": held_prompts, REFERENCE_SPLIT: held_prompts}
+    held_prompts = held_prompts * reps
+    texts = {"fit": fit_prompts, "heldout": held_prompts, REFERENCE_SPLIT: held_prompts, ANCHOR_SPLIT: fit_prompts}
+    seeds[ANCHOR_SPLIT] = seeds["fit"]
     previous = get_schedule(pipe)
 
     def evaluate(schedule: Schedule, split: str) -> tuple[Tensor, ...]:
-        images = render(pipe, schedule, texts[split], seeds[split], sampler, recipe.calibration.batch_size)
+        if split in (REFERENCE_SPLIT, ANCHOR_SPLIT) and cfg.reference_steps:  # the plain sampler at other steps
+            ref = dataclasses.replace(sampler, steps=cfg.reference_steps)
+            images = render(pipe, None, texts[split], seeds[split], ref, recipe.calibration.batch_size)
+        else:
+            images = render(pipe, schedule, texts[split], seeds[split], sampler, recipe.calibration.batch_size)
         scores = align.score(images, texts[split]), qual.score(images, texts[split])
         return scores if feat is None else (*scores, feat.features(images))
 
@@ -107,9 +152,15 @@ def fit_pipeline(
     }  # fmt: skip
     if feat is not None:  # logs written without features stay valid for fits that use none
         fingerprint["features"] = feat.name
+    if cfg.reference_steps:
+        fingerprint["reference_steps"] = cfg.reference_steps
     try:
-        result = fit_guarded(evaluate, cfg, sampler.steps, len(fit_prompts), len(held_prompts),
-                             EvalCache(log, fingerprint), progress)  # fmt: skip
+        if grid is not None:
+            cache = EvalCache(log, fingerprint)
+            result = fit_families(evaluate, cfg, sampler.steps, fit_labels, grid, cache, progress)
+        else:
+            result = fit_guarded(evaluate, cfg, sampler.steps, len(fit_prompts), len(held_prompts),
+                                 EvalCache(log, fingerprint), progress)  # fmt: skip
     except BaseException:
         apply_schedule(pipe, previous)
         raise

@@ -253,6 +253,27 @@ def parse_caption(text: str) -> dict[str, int]:
     return found
 
 
+def _template_patterns() -> tuple[re.Pattern[str], ...]:
+    def alternatives(key: str) -> str:
+        phrases = sorted((p for ps in SYNONYMS[key].values() for p in ps), key=len, reverse=True)
+        return "(?:" + "|".join(re.escape(p) for p in phrases) + ")"
+
+    out = []
+    for tpl in TRAIN_TEMPLATES + HELDOUT_TEMPLATES:
+        parts = re.split(r"(\{\w+\})", " ".join(tpl.split()))
+        out.append(re.compile("".join(alternatives(p[1:-1]) if p.startswith("{") else re.escape(p) for p in parts)))
+    return tuple(out)
+
+
+_TEMPLATES = _template_patterns()
+
+
+def caption_template(text: str) -> int | None:
+    """Index into ``TRAIN_TEMPLATES + HELDOUT_TEMPLATES`` of the template a caption was written with, or None."""
+    words = " ".join(text.lower().split())
+    return next((i for i, pattern in enumerate(_TEMPLATES) if pattern.fullmatch(words)), None)
+
+
 def make_batch(
     n: int, seed: int, split: str = "train", templates: tuple[str, ...] | None = None
 ) -> tuple[torch.Tensor, list[str], torch.Tensor]:
