@@ -25,10 +25,13 @@ from pathlib import Path
 from typing import Any
 
 # Every variant starts from the reference Q-Sched of the Shapes recipes (per-step compass search, JAQ = log CLIP +
-# 0.05 quality, no guard; the recipes' own default is now a guarded variant) with shapes-clip features recorded.
+# 0.05 quality, no guard; the recipes' own default is now a per-family variant) with shapes-clip features recorded.
 REFERENCE = {"k": 0.05, "alignment_weight": 1.0, "features": "shapes-clip", "anchor_weight": 0.0, "trust_radius": (),
              "guard": False, "parameterisation": "per_step", "optimiser": "coordinate", "range_min": 0.8,
-             "range_max": 1.2, "budget": None}  # fmt: skip
+             "range_max": 1.2, "budget": None,
+             # issue 15's prompts and pooled validation (the recipes' default is now per family, issue 25)
+             "prompts": "shapes", "num_prompts": 16, "heldout_prompts": 32, "validation_seeds": 1,
+             "reference_steps": None, "families": (), "shrinkage": ()}  # fmt: skip
 # name -> changes to REFERENCE (None = the plain scheduler, no fit)
 GUARD = {"features": "shapes-clip", "guard": True}
 VARIANTS: dict[str, dict[str, Any] | None] = {
