@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
+from collections.abc import Iterator
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may download
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -50,3 +53,26 @@ def generate(pipe, prompt="a red circle on the left", seed=0, steps=2, **kwargs)
     generator = torch.Generator("cpu").manual_seed(seed)
     kwargs.setdefault("guidance_scale", 1.0)
     return pipe(prompt, num_inference_steps=steps, generator=generator, output_type="pt", **kwargs).images
+
+
+_RECORDING: list[list[str]] = []  # the open-file lists of the recordings in progress (innermost last)
+
+
+def _audit(event: str, args: tuple) -> None:
+    """Every file this process opens through Python (``open``, ``os.open``), while a test records."""
+    if event == "open" and _RECORDING and isinstance(args[0], str | bytes | os.PathLike):
+        _RECORDING[-1].append(os.path.abspath(os.fsdecode(args[0])))
+
+
+sys.addaudithook(_audit)  # audit hooks cannot be removed; this one only appends while a test records
+
+
+@contextlib.contextmanager
+def recording_opens() -> Iterator[list[str]]:
+    """``with recording_opens() as opened:`` -> the absolute paths of the files opened inside the block."""
+    opened: list[str] = []
+    _RECORDING.append(opened)
+    try:
+        yield opened
+    finally:
+        _RECORDING.pop()

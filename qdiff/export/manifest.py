@@ -20,6 +20,7 @@ from typing import Any
 from qdiff.config.layer import LayerQuant
 from qdiff.errors import QdiffError
 from qdiff.export.checks import check_manifest, export_files, inside, json_object, parse_json, refuse_link
+from qdiff.utils.hashing import sha256_file
 
 MANIFEST = "qdiff.json"
 FORMAT = "qdiff-export"
@@ -32,14 +33,6 @@ MAX_SHARD_BYTES = 2e9  # denoiser tensors per shard file (10^9 bytes, as diffuse
 WEIGHTS_METADATA = {"format": "pt", "qdiff": "1"}  # safetensors header metadata of the tensors files
 # Anything that could execute code when loaded is refused outright.
 FORBIDDEN_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".npy", ".npz", ".joblib")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def hash_tree(root: Path) -> dict[str, str]:

@@ -7,22 +7,14 @@ else (``.bin``, ``.pt``, ``.ckpt``, a folder, a missing file) is a one-line :cla
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 
 from qdiff.config.loras import LoraFile
 from qdiff.errors import QdiffError
+from qdiff.utils.hashing import sha256_file
 
 # key prefixes of the text-encoder parts of a LoRA: diffusers' names and kohya's (lora_te_, lora_te1_, lora_te2_)
 _TEXT_PREFIXES = ("text_encoder", "lora_te")
-
-
-def sha256_of(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def checked_path(lora: LoraFile) -> Path:
@@ -57,7 +49,7 @@ def resolve(loras: tuple[LoraFile, ...]) -> tuple[LoraFile, ...]:
     file's is refused (the file changed since the calibration or export that recorded it)."""
     out = []
     for lora in loras:
-        digest = sha256_of(checked_path(lora))
+        digest = sha256_file(checked_path(lora))
         if lora.sha256 is not None and lora.sha256 != digest:
             raise QdiffError(f"LoRA {lora.path}: sha256 {digest[:12]}... differs from the recorded "
                              f"{lora.sha256[:12]}... (the file changed since it was recorded)")  # fmt: skip

@@ -26,7 +26,7 @@ from typing import Any
 from torch import nn
 
 from qdiff.errors import QdiffError
-from qdiff.lora.files import sha256_of
+from qdiff.utils.hashing import sha256_file
 
 LORA_FOLDER = "lora"
 _FILE = re.compile(rf"{LORA_FOLDER}/adapter-[0-9]+\.safetensors")
@@ -138,7 +138,7 @@ def load_saved_loras(pipe, folder: str | Path) -> list[str]:
         if not isinstance(adapter.get("file"), str) or not _FILE.fullmatch(adapter["file"]):
             raise QdiffError(f"{folder}/qdiff.json: lora_adapters: unexpected file {adapter.get('file')!r}")
         path = folder / adapter["file"]
-        if manifest["files"].get(adapter["file"]) != sha256_of(path):
+        if manifest["files"].get(adapter["file"]) != sha256_file(path):
             raise QdiffError(f"{path}: sha256 mismatch with qdiff.json (file was modified or corrupted)")
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter["name"],
                                use_safetensors=True, local_files_only=True)  # fmt: skip

@@ -50,30 +50,29 @@ def denoiser_fingerprint(pipe) -> str:
     return h.hexdigest()
 
 
-def split_prompts(recipe: Recipe, prompts: Sequence[str] | str | Path | None) -> tuple[list[str], list[str]]:
-    """(fitting prompts, held-out prompts): the first ``num_prompts`` and the next ``heldout_prompts``."""
+def prompt_pool(recipe: Recipe, prompts: Sequence[str] | str | Path | None) -> list[str]:
+    """The Q-Sched prompt source (given prompts, a prompt file/name, or the recipe's), checked to hold
+    ``num_prompts + heldout_prompts`` prompts."""
     cfg = recipe.qsched
     if prompts is None or isinstance(prompts, (str, Path)):
         prompts = load_prompts(prompts or cfg.prompts or recipe.calibration.prompts)
-    prompts = list(prompts)
-    need = cfg.num_prompts + cfg.heldout_prompts
-    if len(prompts) < need:
+    pool = list(prompts)
+    if len(pool) < cfg.num_prompts + cfg.heldout_prompts:
         raise QdiffError(f"recipe: qsched.num_prompts: {cfg.num_prompts} fitting + {cfg.heldout_prompts} held-out "
-                         f"prompts needed, only {len(prompts)} given")  # fmt: skip
-    return prompts[: cfg.num_prompts], prompts[cfg.num_prompts : need]
+                         f"prompts needed, only {len(pool)} given")  # fmt: skip
+    return pool
+
+
+def split_prompts(recipe: Recipe, prompts: Sequence[str] | str | Path | None) -> tuple[list[str], list[str]]:
+    """(fitting prompts, held-out prompts): the first ``num_prompts`` and the next ``heldout_prompts``."""
+    pool, n = prompt_pool(recipe, prompts), recipe.qsched.num_prompts
+    return pool[:n], pool[n : n + recipe.qsched.heldout_prompts]
 
 
 def family_split(pipe, recipe: Recipe, prompts: Sequence[str] | str | Path | None):
     """(fitting prompts, validation prompts, the fitting prompts' family labels, validation grid): drawn from the
     prompt source stratified over every family of the ``qsched.families`` attributes."""
-    cfg = recipe.qsched
-    if prompts is None or isinstance(prompts, (str, Path)):
-        prompts = load_prompts(prompts or cfg.prompts or recipe.calibration.prompts)
-    pool = list(prompts)
-    need = cfg.num_prompts + cfg.heldout_prompts
-    if len(pool) < need:
-        raise QdiffError(f"recipe: qsched.num_prompts: {cfg.num_prompts} fitting + {cfg.heldout_prompts} held-out "
-                         f"prompts needed, only {len(pool)} given")  # fmt: skip
+    cfg, pool = recipe.qsched, prompt_pool(recipe, prompts)
     embed = text_embeddings(pipe, pool) if EMBEDDING in cfg.families else None
     labels = label_table(pool, cfg.families, embed, cfg.family_clusters, cfg.seed)
     fit_idx, val_idx = stratified_split(labels, cfg.families, (cfg.num_prompts, cfg.heldout_prompts), cfg.seed)

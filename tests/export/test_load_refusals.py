@@ -3,43 +3,21 @@ every malformed JSON it reads into a one-line QdiffError naming the file (issue 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import recording_opens
 
 import qdiff
 from qdiff.cli import main
 from qdiff.errors import QdiffError
 from qdiff.export.load import load_denoiser_export
 from qdiff.models.tiny import tiny_sd_pipeline
-
-_RECORDING: list[list[str]] = []
-
-
-def _audit(event: str, args: tuple) -> None:
-    """Every file this process opens (Python's ``open``/``os.open``), while a test records."""
-    if event == "open" and _RECORDING and isinstance(args[0], str | bytes | os.PathLike):
-        _RECORDING[-1].append(os.path.abspath(os.fsdecode(args[0])))
-
-
-sys.addaudithook(_audit)  # audit hooks cannot be removed; this one only appends while a test records
-
-
-@contextlib.contextmanager
-def recording() -> Iterator[list[str]]:
-    opened: list[str] = []
-    _RECORDING.append(opened)
-    try:
-        yield opened
-    finally:
-        _RECORDING.pop()
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +67,7 @@ def test_parent_path_in_files_is_refused_before_the_outside_file_is_read(export,
     outside.write_text('{"secret": 1}')
     folder = _copy(export, tmp_path)
     _manifest(folder, lambda m: m["files"].update({"../outside.json": _sha(outside)}))  # the right sha256
-    with recording() as opened:
+    with recording_opens() as opened:
         message = _refused(folder, folder / "qdiff.json", load)
     assert "'../outside.json' is not a path inside the export" in message
     assert not [p for p in opened if Path(p).name == "outside.json"], opened
@@ -100,7 +78,7 @@ def test_absolute_path_in_files_is_refused_before_the_file_is_read(export, tmp_p
     outside.write_text('{"secret": 1}')
     folder = _copy(export, tmp_path)
     _manifest(folder, lambda m: m["files"].update({str(outside): _sha(outside)}))
-    with recording() as opened:
+    with recording_opens() as opened:
         message = _refused(folder, folder / "qdiff.json")
     assert f"{str(outside)!r} is not a path inside the export" in message
     assert str(outside) not in opened
@@ -111,7 +89,7 @@ def test_symlinked_file_to_outside_is_refused_unread(export, tmp_path):
     outside = tmp_path / "vae-config.json"
     shutil.move(folder / "vae" / "config.json", outside)  # same bytes: its listed sha256 still matches
     (folder / "vae" / "config.json").symlink_to(outside)
-    with recording() as opened:
+    with recording_opens() as opened:
         message = _refused(folder, folder / "vae" / "config.json")
     assert f"symbolic link to {outside}, outside the export" in message
     assert not {str(outside), str(folder / "vae" / "config.json")} & set(opened), opened
@@ -122,7 +100,7 @@ def test_symlinked_directory_to_outside_is_refused_unread(export, tmp_path):
     outside = tmp_path / "vae-elsewhere"
     shutil.move(folder / "vae", outside)
     (folder / "vae").symlink_to(outside, target_is_directory=True)
-    with recording() as opened:
+    with recording_opens() as opened:
         message = _refused(folder, folder / "vae")
     assert f"symbolic link to {outside}, outside the export" in message
     under = [Path(p) for p in opened if p.startswith(str(tmp_path))]
@@ -142,7 +120,7 @@ def test_symlinked_manifest_is_refused_unread(export, tmp_path):
     outside = tmp_path / "manifest.json"
     shutil.move(folder / "qdiff.json", outside)
     (folder / "qdiff.json").symlink_to(outside)
-    with recording() as opened:
+    with recording_opens() as opened:
         _refused(folder, folder / "qdiff.json")
     assert not {str(outside), str(folder / "qdiff.json")} & set(opened), opened
 
@@ -339,3 +317,11 @@ def test_cli_generate_refuses_a_symlinked_file(export, tmp_path, capsys):
     (folder / "vae" / "config.json").symlink_to(outside)
     argv = ["generate", str(folder), "--prompt", "x", "--out", str(tmp_path / "o.png")]
     _cli_error(capsys, argv, folder / "vae" / "config.json")
+
+
+def test_the_open_recorder_sees_opens(tmp_path):  # the refusals above assert absences: the recorder must work
+    (tmp_path / "a.json").write_text("{}")
+    with recording_opens() as opened:
+        (tmp_path / "a.json").read_text()
+        os.close(os.open(tmp_path / "a.json", os.O_RDONLY))
+    assert opened.count(str(tmp_path / "a.json")) == 2

@@ -3,16 +3,14 @@ checked before any file outside is read (issue 22, item 5)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 import shutil
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import recording_opens
 
 import qdiff
 from qdiff.errors import QdiffError
@@ -20,28 +18,6 @@ from qdiff.models.tiny import tiny_sd_pipeline
 
 pytest.importorskip("qdiff.integrations.diffusers")
 from diffusers import DiffusionPipeline, UNet2DConditionModel  # noqa: E402
-
-_RECORDING: list[list[str]] = []
-
-
-def _audit(event: str, args: tuple) -> None:
-    """Every file this process opens through Python, while a test records."""
-    if event == "open" and _RECORDING and isinstance(args[0], str | bytes | os.PathLike):
-        _RECORDING[-1].append(os.path.abspath(os.fsdecode(args[0])))
-
-
-sys.addaudithook(_audit)  # audit hooks cannot be removed; this one only appends while a test records
-
-
-@contextlib.contextmanager
-def recording() -> Iterator[list[str]]:
-    opened: list[str] = []
-    _RECORDING.append(opened)
-    try:
-        yield opened
-    finally:
-        _RECORDING.pop()
-
 
 LOADERS: dict[str, Callable[[Path], object]] = {
     "pipeline": lambda folder: DiffusionPipeline.from_pretrained(folder),
@@ -86,7 +62,7 @@ def test_parent_path_in_files_is_refused_unread(export, tmp_path, loader):
     manifest = json.loads((folder / "qdiff.json").read_text())
     manifest["files"]["../outside.json"] = _sha(outside)  # the right sha256 of a real file
     (folder / "qdiff.json").write_text(json.dumps(manifest))
-    with recording() as opened:
+    with recording_opens() as opened:
         message = _refused(LOADERS[loader], folder, folder / "qdiff.json")
     assert "'../outside.json' is not a path inside the export" in message
     assert not [p for p in opened if Path(p).name == "outside.json"], opened
@@ -98,7 +74,7 @@ def test_symlinked_weights_to_outside_are_refused_unread(export, tmp_path, loade
     link, outside = folder / "unet" / "qdiff.safetensors", tmp_path / "outside.safetensors"
     shutil.move(link, outside)  # same bytes: the listed sha256 still matches
     link.symlink_to(outside)
-    with recording() as opened:
+    with recording_opens() as opened:
         message = _refused(LOADERS[loader], folder, link)
     assert f"symbolic link to {outside}, outside the export" in message
     assert not {str(link), str(outside)} & set(opened), opened
