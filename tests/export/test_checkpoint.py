@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from safetensors.torch import load_file, save_file
 
 from qdiff.errors import QdiffError
 from qdiff.export.checkpoint import INDEX_NAME, WEIGHTS_NAME, iter_tensors, open_checkpoint
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_real_checkpoint.py"
 TINY_UNET = dict(
     block_out_channels=[32, 64],
     down_block_types=["CrossAttnDownBlock2D", "DownBlock2D"],
@@ -38,11 +36,7 @@ def _unet(dtype: torch.dtype = torch.float32):
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("make_real_checkpoint", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_real_checkpoint")
 
 
 @pytest.fixture(scope="module")

@@ -3,13 +3,11 @@ the tiny SDXL text encoders / VAE sized to drive it (``qdiff.models.tiny.tiny_sd
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from qdiff.errors import QdiffError
 from qdiff.export.checkpoint import open_checkpoint
@@ -17,16 +15,10 @@ from qdiff.export.resolve import load_pipeline, place
 from qdiff.models.published import SDXL_UNET
 from qdiff.models.tiny import tiny_sdxl_parts_for, tiny_sdxl_pipeline
 
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "make_real_checkpoint.py"
-
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("make_real_checkpoint", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("make_real_checkpoint")
 
 
 def test_parts_fit_the_published_sdxl_unet():
