@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from qdiff.utils.machine import cpu_name
+from qdiff.utils.perms import give_usual_mode
 
 # Dense INT8 tensor-core peak (TOPS) by device-name fragment, from the vendors' data sheets.
 INT8_PEAK_TOPS: tuple[tuple[str, float], ...] = (
@@ -106,6 +107,7 @@ def write_atomic(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    give_usual_mode(tmp, directory=False)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)

@@ -29,6 +29,7 @@ from torch import Tensor
 from qdiff.errors import QdiffError
 from qdiff.numerics.primitives import compute_qparams, dequantize, quantize
 from qdiff.utils.finite import check_range
+from qdiff.utils.perms import give_usual_mode
 
 STATS_VERSION = 1
 STATS_TENSORS = "ranges.safetensors"
@@ -248,9 +249,7 @@ class CapturedStats:
 def _tmp_path(folder: Path, name: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the final file the usual permissions
+    give_usual_mode(tmp, directory=False)  # mkstemp creates 0600
     return Path(tmp)
 
 

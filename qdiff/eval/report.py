@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 
 from qdiff.errors import QdiffError
 from qdiff.eval.run import EvalResult
+from qdiff.utils.perms import give_usual_mode
 
 # (key, column title, format); metrics not measured for any variant are left out of the table
 COLUMNS = (
@@ -99,6 +100,7 @@ def save_report(result: EvalResult, out: str | Path, overwrite: bool = False, co
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        give_usual_mode(tmp, directory=True)
     except OSError as exc:
         raise QdiffError(f"cannot write {out}: {exc.strerror}") from None
     try:

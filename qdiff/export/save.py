@@ -38,6 +38,7 @@ from qdiff.export.shards import ShardedWriter, TensorSpec
 from qdiff.models.adapters import find_denoiser, get_adapter
 from qdiff.models.autoencoder_tiny import clean_config
 from qdiff.quant.transform import get_info, quantized_layers
+from qdiff.utils.perms import give_usual_mode
 
 
 @contextlib.contextmanager
@@ -52,6 +53,7 @@ def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        give_usual_mode(tmp, directory=True)  # mkdtemp's 0700 would stay on the export
     except OSError as exc:
         raise QdiffError(f"cannot write to {parent}: {exc.strerror}") from None
     try:

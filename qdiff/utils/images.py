@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from qdiff.errors import QdiffError
+from qdiff.utils.perms import give_usual_mode
 
 
 def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
@@ -37,6 +38,7 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        give_usual_mode(tmp, directory=False)
     except OSError as exc:
         raise QdiffError(f"cannot write {path}: {exc.strerror}") from None
     try:
