@@ -54,7 +54,10 @@ def parse_lora(text: str) -> LoraFile:
         try:
             scale = float(tail)
         except ValueError:
-            path, scale = text, 1.0
+            if path.lower().endswith(".safetensors"):  # PATH:SCALE, the scale not a number
+                why = f"the scale {tail!r} is not a number (PATH:SCALE, e.g. x.safetensors:0.8)"
+                raise QdiffError(f"--lora {text!r}: {why}") from None
+            path, scale = text, 1.0  # a colon inside the path
     else:
         path, scale = text, 1.0
     if not path:

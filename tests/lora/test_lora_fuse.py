@@ -134,3 +134,16 @@ def test_bad_lora_input_is_one_line(sdxl, tmp_path, capsys):
     assert "differs from the recorded 000000000000" in capsys.readouterr().err
     with pytest.raises(qdiff.QdiffError, match=r"recipe: loras\[\]\.scale: must be a finite number"):
         Recipe.from_dict({"loras": [{"path": "x.safetensors", "scale": float("nan")}]})
+
+
+def test_lora_argument_parsing():
+    from qdiff.config.loras import parse_lora
+
+    assert parse_lora("a/b.safetensors") == parse_lora("a/b.safetensors:1")
+    lora = parse_lora("a/b.safetensors:0.8")
+    assert (lora.path, lora.scale) == ("a/b.safetensors", 0.8)
+    assert parse_lora("C:/x/b.safetensors").path == "C:/x/b.safetensors"  # a colon inside the path
+    with pytest.raises(qdiff.QdiffError, match=r"the scale 'abc' is not a number"):
+        parse_lora("a/b.safetensors:abc")
+    with pytest.raises(qdiff.QdiffError, match="finite"):
+        parse_lora("a/b.safetensors:inf")
