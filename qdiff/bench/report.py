@@ -107,9 +107,9 @@ def write_atomic(path: str | Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    give_usual_mode(tmp, directory=False)
     try:
         with os.fdopen(fd, "w") as f:
+            give_usual_mode(tmp, directory=False)  # mkstemp creates 0600
             f.write(text)
         os.replace(tmp, path)
     except BaseException:

@@ -38,11 +38,11 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        give_usual_mode(tmp, directory=False)
     except OSError as exc:
         raise QdiffError(f"cannot write {path}: {exc.strerror}") from None
     try:
         with os.fdopen(fd, "wb") as f:
+            give_usual_mode(tmp, directory=False)  # mkstemp creates 0600
             image.save(f, format="PNG")
         os.replace(tmp, path)
     except BaseException:
