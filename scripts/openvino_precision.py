@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="qdiff-ov-precision-") as tmp:
         folder = export_openvino(args.source, Path(tmp) / "ov", progress=False)
         components = list(read_ov_manifest(folder)["components"])
-        settings = {"all f32": "f32", **{f"{c} bf16": {c: "bf16"} for c in components}, "all bf16": "bf16"}
+        one = {f"{c} bf16": {**dict.fromkeys(components, "f32"), c: "bf16"} for c in components}  # the rest f32
+        settings = {"all f32": "f32", **one, "all bf16": "bf16"}
         pipes = {name: load_openvino(folder, precision=value) for name, value in settings.items()}
         torch_pipe = load_pipeline(args.source)
         place(torch_pipe, "cpu")

@@ -31,10 +31,12 @@ def effective(precision: str, bf16_native: bool) -> str:
     return precision if precision != "bf16" or bf16_native else "f32"
 
 
-def resolve_precisions(precision: str | Mapping[str, str] | None, folders: Iterable[str]) -> dict[str, str]:
-    """``{component: precision}`` for ``folders``: the defaults, overridden by one value for all or by a mapping."""
+def resolve_precisions(precision: str | Mapping[str, str] | None, folders: Iterable[str],
+                       base: Mapping[str, str] | None = None) -> dict[str, str]:  # fmt: skip
+    """``{component: precision}`` for ``folders``: ``base`` (default: :data:`DEFAULTS`; a loaded folder: what it
+    recorded), overridden by one value for all or by a mapping (the components it names; the others keep ``base``)."""
     folders = list(folders)
-    chosen = {f: DEFAULTS.get(f, "f32") for f in folders}
+    chosen = {f: (base or DEFAULTS).get(f, "f32") for f in folders}
     if precision is None:
         return chosen
     if isinstance(precision, str):

@@ -218,9 +218,8 @@ def load_openvino(path: str | Path, precision: str | dict[str, str] | None = Non
     folder = Path(path)
     doc = read_ov_manifest(folder)
     verify_ov_folder(folder, doc)
-    chosen = {name: entry["precision"] for name, entry in doc["components"].items()}
-    if precision is not None:
-        chosen.update(resolve_precisions(precision, list(chosen)))
+    recorded = {name: entry["precision"] for name, entry in doc["components"].items()}
+    chosen = resolve_precisions(precision, list(recorded), base=recorded)
     core = ov.Core()
     group = doc["dynamic_quantization_group_size"]
     native = cpu_bf16_native(cpu_flags())
