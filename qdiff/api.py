@@ -10,6 +10,7 @@ from qdiff.config.plan import Plan
 from qdiff.config.recipe import Recipe, TextEncoderConfig
 from qdiff.errors import QdiffError
 from qdiff.export.pretrained import attach_save, attach_text_encoder_save
+from qdiff.lora.fuse import fuse_recipe_loras, fused_loras, with_loras
 from qdiff.lora.pipeline import attach_pipeline_hooks
 from qdiff.models.adapters import find_denoiser, get_adapter
 from qdiff.models.schedulers import apply_sampler_scheduler
@@ -55,15 +56,16 @@ def quantize(
     """
     if isinstance(recipe, Plan):
         recipe, plan = None, recipe
-    recipe = _with_loras(as_recipe(recipe), loras)
+    recipe = as_recipe(recipe)
+    attr, den = find_denoiser(pipe)
+    recipe = _checked_loras(recipe, den, loras)
     if plan is not None and not isinstance(plan, Plan):
         plan = Plan.load(plan)
-    attr, den = find_denoiser(pipe)
     if get_info(den) is not None or quantized_layers(den):
         raise QdiffError("pipeline is already quantized; load the float model again to quantize it differently")
     prompts = _check_prompts(prompts)
     check_parameters(den)  # before anything is modified: a NaN weight would reach every image
-    _fuse(pipe, recipe)
+    fuse_recipe_loras(pipe, recipe)  # once: a CLI run may have fused them already
     adapter = get_adapter(den)
     apply_sampler_scheduler(pipe, recipe.sampler)  # recipe's scheduler choice; saved with the export
     if recipe.text_encoders != TextEncoderConfig():  # optional; before calibration so the denoiser sees it
@@ -96,21 +98,12 @@ def quantize(
     return pipe
 
 
-def _with_loras(recipe: Recipe, loras) -> Recipe:
-    """The recipe with its LoRAs (or ``loras``) checked and hashed; no LoRA code is imported without any."""
-    if loras is None and not recipe.loras:
+def _checked_loras(recipe: Recipe, den, loras) -> Recipe:
+    """The recipe with ``loras`` (None: its own) checked and hashed; not again when exactly these are fused into
+    ``den`` already (a CLI run hashed them before fusing)."""
+    if loras is None and fused_loras(den) == recipe.loras:
         return recipe
-    from qdiff.lora.fuse import with_loras
-
     return with_loras(recipe, loras)
-
-
-def _fuse(pipe, recipe: Recipe) -> None:
-    """Fuse the recipe's LoRAs into the float pipeline (once; a CLI run may have fused them already)."""
-    if recipe.loras:
-        from qdiff.lora.fuse import fuse_recipe_loras
-
-        fuse_recipe_loras(pipe, recipe)
 
 
 def _check_prompts(prompts: list[str] | None) -> list[str] | None:
@@ -184,10 +177,10 @@ def calibrate(
     _, den = find_denoiser(pipe)
     if get_info(den) is not None or quantized_layers(den):
         raise QdiffError("calibrate needs the float pipeline; this one is already quantized")
-    recipe = _with_loras(as_recipe(recipe), loras)
+    recipe = _checked_loras(as_recipe(recipe), den, loras)
     if offload is not None:
         recipe = recipe.replace(calibration=dataclasses.replace(recipe.calibration, offload=offload))
-    _fuse(pipe, recipe)
+    fuse_recipe_loras(pipe, recipe)  # once: a CLI run may have fused them already
     return run_calibration(pipe, recipe, work_dir=work_dir, progress=progress)
 
 
@@ -214,11 +207,11 @@ def load(path: str | Path, device: str | None = None, kernel: str | None = None,
     :func:`qdiff.lora.load_saved_loras` puts them back).
     """
     from qdiff.config.dtypes import as_torch_dtype
-    from qdiff.engines.openvino import OV_MANIFEST
+    from qdiff.engines.openvino import is_openvino_folder
     from qdiff.export.load import load_export
     from qdiff.export.resolve import place
 
-    if (Path(path) / OV_MANIFEST).is_file():  # an OpenVINO folder (qdiff.export_openvino): runs on OpenVINO
+    if is_openvino_folder(path):  # an OpenVINO folder (qdiff.export_openvino): runs on OpenVINO
         if kernel is not None or dtype is not None:
             raise QdiffError(f"{path}: an OpenVINO folder takes no kernel or dtype (its precisions: load_openvino)")
         from qdiff.engines.openvino.runtime import load_openvino

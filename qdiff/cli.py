@@ -62,6 +62,7 @@ def cmd_quantize(args) -> int:
     from qdiff.config.plan import Plan
     from qdiff.eval.size import checkpoint_footprint, module_footprint, module_nbytes, size_line
     from qdiff.export.resolve import load_pipeline, place
+    from qdiff.lora.fuse import fuse_recipe_loras, with_loras
     from qdiff.models.adapters import find_denoiser
     from qdiff.quant.transform import quantized_layers
 
@@ -73,7 +74,7 @@ def cmd_quantize(args) -> int:
     default_recipe = _default_recipe(args.model)
     if calib is not None and (calib / "recipe.yaml").is_file():
         default_recipe = calib / "recipe.yaml"
-    recipe = _recipe_loras(args, qdiff.Recipe.load(args.recipe or default_recipe))  # inputs checked before work
+    recipe = with_loras(qdiff.Recipe.load(args.recipe or default_recipe), args.lora)  # inputs checked before work
     if calib is not None:
         _check_calib_loras(calib, recipe)
     plan = Plan.load(args.plan or calib / "plan.json") if (args.plan or calib) else None
@@ -96,7 +97,7 @@ def cmd_quantize(args) -> int:
     place(pipe, args.device, _source_dtype(args))
     _, den = find_denoiser(pipe)
     checkpoint, fp_memory = checkpoint_footprint(spec, den), module_footprint(den)
-    _fuse_loras(pipe, recipe)  # before the FP reference of --eval: float + LoRA vs quantized + LoRA
+    fuse_recipe_loras(pipe, recipe)  # before the FP reference of --eval: float + LoRA vs quantized + LoRA
     evaluator = _fp_evaluation(args, pipe, recipe) if args.eval else None
     qdiff.quantize(pipe, recipe, plan=plan, progress=not args.no_progress, ranges=ranges)
     q_bytes = module_nbytes(den)
@@ -186,15 +187,6 @@ def _stream(args, spec: str, recipe, plan, ranges, out: Path, t0: float) -> int:
     return 0
 
 
-def _recipe_loras(args, recipe):
-    """The recipe with ``--lora`` (replacing its ``loras``) checked and hashed; untouched without any LoRA."""
-    if not args.lora and not recipe.loras:
-        return recipe
-    from qdiff.lora.fuse import with_loras
-
-    return with_loras(recipe, args.lora)
-
-
 def _check_calib_loras(calib: Path, recipe) -> None:
     """A calibration is only valid for the LoRAs it saw fused: the same files (sha256) at the same scales."""
     import qdiff
@@ -203,13 +195,6 @@ def _check_calib_loras(calib: Path, recipe) -> None:
     if [(x.sha256, x.scale) for x in seen] != [(x.sha256, x.scale) for x in recipe.loras]:
         fused = " ".join(f"--lora {x.label()}" for x in seen) or "no --lora"
         raise QdiffError(f"--calib {calib} was calibrated with other LoRAs fused; quantize with the same ({fused})")
-
-
-def _fuse_loras(pipe, recipe) -> None:
-    if recipe.loras:
-        from qdiff.lora.fuse import fuse_recipe_loras
-
-        fuse_recipe_loras(pipe, recipe)
 
 
 def _print_loras(recipe) -> None:
@@ -280,13 +265,14 @@ def cmd_calibrate(args) -> int:
     import qdiff
     from qdiff.calib.run import calibrate_to_folder
     from qdiff.export.resolve import load_pipeline, place
+    from qdiff.lora.fuse import fuse_recipe_loras, with_loras
 
     recipe = qdiff.Recipe.load(args.recipe)
     if args.mode:
         recipe = recipe.replace(sensitivity=dataclasses.replace(recipe.sensitivity, mode=args.mode))
     if args.offload:
         recipe = recipe.replace(calibration=dataclasses.replace(recipe.calibration, offload=args.offload))
-    recipe = _recipe_loras(args, recipe)
+    recipe = with_loras(recipe, args.lora)
     out = _output_folder(args)
     spec = _model_spec(args, recipe)
     sequential = recipe.calibration.offload == "sequential" and Path(spec, "model_index.json").is_file()
@@ -302,7 +288,7 @@ def cmd_calibrate(args) -> int:
     else:
         pipe = load_pipeline(spec, torch_dtype=args.dtype, config=args.config)
         place(pipe, args.device, _source_dtype(args))
-        _fuse_loras(pipe, recipe)  # ranges, sensitivities and the plan of the model that will run
+        fuse_recipe_loras(pipe, recipe)  # ranges, sensitivities and the plan of the model that will run
     result = calibrate_to_folder(pipe, recipe, out, overwrite=args.overwrite, progress=not args.no_progress)
     meta = result.plan.meta
     if not _main_rank():
@@ -349,9 +335,9 @@ def cmd_generate(args) -> int:
 
 def _generate_pipeline(args, load_pipeline):
     """The pipeline ``generate`` runs: ``--engine`` must match the folder (an OpenVINO folder runs on OpenVINO)."""
-    from qdiff.engines.openvino import OV_MANIFEST
+    from qdiff.engines.openvino import is_openvino_folder
 
-    openvino = (Path(args.model) / OV_MANIFEST).is_file()
+    openvino = is_openvino_folder(args.model)
     if args.engine == "openvino" and not openvino:
         raise QdiffError(f"{args.model} is not an OpenVINO folder; convert the export first: "
                          f"qdiff export-openvino {args.model} OUT")  # fmt: skip

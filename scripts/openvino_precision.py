@@ -23,6 +23,7 @@ from pathlib import Path
 def main(argv: list[str] | None = None) -> int:
     from qdiff.bench.report import write_atomic
     from qdiff.calib.metrics import psnr, ssim
+    from qdiff.config.dtypes import cpu_bf16_native
     from qdiff.config.recipe import Recipe
     from qdiff.engines.openvino.export import export_openvino
     from qdiff.engines.openvino.runtime import load_openvino, read_ov_manifest
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                 times[name] = min(times[name], (time.perf_counter() - start) / len(prompts))
         reference = draw(torch_pipe, prompts, seeds, sampler, 16)
     base = images["all f32"]
-    native = bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+    native = cpu_bf16_native(cpu_flags())
     lines = [
         f"OpenVINO float-part precision, `{args.source}`: {len(prompts)} Shapes held-out prompts, seeds 0.."
         f"{len(prompts) - 1} (`python scripts/openvino_precision.py --source {args.source} --num-prompts "

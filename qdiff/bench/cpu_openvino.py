@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from qdiff.bench.cpu import INT8, best_of_rounds
+from qdiff.bench.cpu_pipeline import set_kernel
 from qdiff.bench.report import markdown_table
 from qdiff.calib.metrics import ssim
 from qdiff.config.recipe import Recipe
@@ -72,9 +73,7 @@ def _variants(tmp: Path, mixdq_plan: str | None) -> list[Variant]:
 
         mixdq = _quantized(base, "shapes-mixdq-w4a8", Plan.load(mixdq_plan))
     for pipe in (dynamic, static, mixdq) if mixdq is not None else (dynamic, static):
-        for m in pipe.unet.modules():
-            if hasattr(m, "kernel"):
-                m.kernel = INT8
+        set_kernel(pipe, INT8)
 
     def openvino(pipe, name: str, precision=None):
         folder = tmp / name
@@ -113,7 +112,7 @@ def _unet_call(pipe, inputs: dict[str, Tensor]) -> Callable[[], object]:
     return lambda: pipe.unet(**inputs)
 
 
-def _unet_inputs(pipe, recipe: Recipe, prompts: list[str]) -> dict[str, Tensor]:
+def _unet_inputs(pipe, prompts: list[str]) -> dict[str, Tensor]:
     """One denoiser call's inputs as the pipeline builds them (CFG-doubled batch, mid-schedule timestep)."""
     embeds, negative = pipe.encode_prompt(prompts, "cpu", 1, True)
     hidden = torch.cat([negative, embeds]).float()
@@ -132,7 +131,7 @@ def openvino_section(rounds: int, quick: bool, mixdq_plan: str | None = None) ->
     seeds = list(range(batch))
     with tempfile.TemporaryDirectory(prefix="qdiff-bench-ov-") as tmp, torch.inference_mode():
         variants = _variants(Path(tmp), mixdq_plan)
-        inputs = _unet_inputs(variants[0].pipe, recipe, prompts)
+        inputs = _unet_inputs(variants[0].pipe, prompts)
         images = {v.name: draw(v.pipe, prompts, seeds, recipe.sampler, batch) for v in variants}  # warm-up
         pipe_best, r1 = best_of_rounds(
             {v.name: (lambda p=v.pipe: draw(p, prompts, seeds, recipe.sampler, batch)) for v in variants}, rounds

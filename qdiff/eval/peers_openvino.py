@@ -30,14 +30,17 @@ class EnginePeer:
     """A peer that runs the reference on another engine (same ``build`` contract as :class:`qdiff.eval.peers.Peer`)."""
 
     name: str
-    module: str
+    module: str  # the library it needs beside openvino ("openvino" itself, or "nncf")
     summary: str
-    nncf: bool
+
+    @property
+    def nncf(self) -> bool:
+        return self.module == "nncf"
 
     def available(self) -> bool:
-        import importlib.util
+        from qdiff.eval.peers import _has_module  # (peers imports this module)
 
-        return all(importlib.util.find_spec(m) is not None for m in ("openvino", *(("nncf",) if self.nncf else ())))
+        return all(_has_module(m) for m in {"openvino", self.module})
 
     def build(self, pipe_factory: Callable[[], object], recipe: Recipe, layers: list[str]) -> tuple[object, str]:
         """``(OpenVINO pipeline, note)`` from a fresh float reference; ``layers`` is unused (NNCF picks its own)."""
@@ -108,6 +111,6 @@ def _nncf_quantize(data: list[dict]):
 
 
 OPENVINO_PEERS = (
-    EnginePeer("openvino-fp32", "openvino", "the float model on OpenVINO (CPU plugin)", nncf=False),
-    EnginePeer("openvino-nncf-int8", "nncf", "NNCF post-training int8 (quantize, TRANSFORMER) on OpenVINO", nncf=True),
+    EnginePeer("openvino-fp32", "openvino", "the float model on OpenVINO (CPU plugin)"),
+    EnginePeer("openvino-nncf-int8", "nncf", "NNCF post-training int8 (quantize, TRANSFORMER) on OpenVINO"),
 )

@@ -211,11 +211,11 @@ def spec_recipe(spec: str):
     from pathlib import Path
 
     from qdiff.config.recipe import Recipe
-    from qdiff.engines.openvino import OV_MANIFEST
+    from qdiff.engines.openvino import is_openvino_folder
     from qdiff.export.manifest import MANIFEST, read_manifest
 
     folder = Path(spec)
-    if (folder / OV_MANIFEST).is_file():  # an OpenVINO folder carries its source export's recipe
+    if is_openvino_folder(folder):  # an OpenVINO folder carries its source export's recipe
         from qdiff.engines.openvino.runtime import read_ov_manifest
 
         data = read_ov_manifest(folder).get("recipe")
@@ -229,12 +229,11 @@ def spec_recipe(spec: str):
 def load_variant(spec: str):
     """A variant's pipeline: an OpenVINO folder (``qdiff export-openvino``) runs on OpenVINO, anything else is
     :func:`qdiff.export.resolve.load_pipeline`."""
-    from pathlib import Path
 
-    from qdiff.engines.openvino import OV_MANIFEST
+    from qdiff.engines.openvino import is_openvino_folder
     from qdiff.export.resolve import load_pipeline
 
-    if (Path(spec) / OV_MANIFEST).is_file():
+    if is_openvino_folder(spec):
         from qdiff.engines.openvino.runtime import load_openvino
 
         return load_openvino(spec)

@@ -324,7 +324,7 @@ class _Job:
         tensor = reader.get(key)
         if self.cast is not None and tensor.is_floating_point():
             tensor = tensor.to(self.cast)  # as diffusers' torch_dtype: before the finite check (fp16 may overflow)
-        if self.deltas is not None and self.deltas.owns(key):
+        if self.deltas is not None:  # tensors no LoRA touches come back as they are
             tensor = self.deltas.apply(key, tensor)  # the fused LoRAs, as fuse_lora adds them in this dtype
         try:
             check_tensor(tensor)

@@ -9,8 +9,6 @@ scale), so a pipeline is never fused twice and the export manifest records it (t
 
 from __future__ import annotations
 
-import dataclasses
-
 from torch import nn
 
 from qdiff.config.loras import LoraFile, as_lora_files
@@ -31,13 +29,17 @@ def fused_loras(den: nn.Module) -> tuple[LoraFile, ...]:
 
 def with_loras(recipe: Recipe, loras=None) -> Recipe:
     """``recipe`` with ``loras`` (``'PATH[:SCALE]'`` strings, pairs or LoraFiles; None: the recipe's own) checked and
-    hashed."""
+    hashed; ``recipe`` itself when there is no LoRA at all."""
+    if loras is None and not recipe.loras:
+        return recipe
     chosen = recipe.loras if loras is None else as_lora_files(loras)
-    return recipe.replace(loras=resolve(chosen)) if chosen else recipe.replace(loras=())
+    return recipe.replace(loras=resolve(chosen))
 
 
 def fuse_recipe_loras(pipe, recipe: Recipe) -> None:
     """Fuse ``recipe.loras`` (already resolved) into ``pipe`` unless exactly these are fused already."""
+    if not recipe.loras:
+        return
     _, den = find_denoiser(pipe)
     done = fused_loras(den)
     want = tuple(recipe.loras)
@@ -72,4 +74,4 @@ def fuse_loras(pipe, loras: tuple[LoraFile, ...]) -> None:
             pipe.fuse_lora(lora_scale=lora.scale, adapter_names=[_FUSE_ADAPTER])
         finally:
             pipe.unload_lora_weights()
-    object.__setattr__(den, _FUSED_ATTR, tuple(dataclasses.replace(lora) for lora in loras))
+    object.__setattr__(den, _FUSED_ATTR, tuple(loras))

@@ -86,11 +86,6 @@ class LayerDeltas:
             adapters.append((name, lora.scale))
         return cls(probe, adapters)
 
-    def owns(self, key: str) -> bool:
-        """Whether the tensor ``key`` (``<layer>.weight`` / ``<layer>.bias``) changes."""
-        layer, _, leaf = key.rpartition(".")
-        return layer in self.layers and leaf in ("weight", "bias")
-
     @torch.no_grad()
     def apply(self, key: str, tensor: Tensor) -> Tensor:
         """``tensor`` (a weight or bias as read) plus every fused LoRA's delta, in its dtype and fuse order."""

@@ -18,7 +18,6 @@ Layout (``docs/openvino.md``)::
 from __future__ import annotations
 
 import gc
-import hashlib
 import json
 import math
 from collections.abc import Callable, Mapping
@@ -30,6 +29,7 @@ from qdiff.engines.openvino.components import Component, text_encoder_component,
 from qdiff.engines.openvino.convert import to_openvino
 from qdiff.engines.openvino.precision import resolve_precisions
 from qdiff.errors import QdiffError
+from qdiff.utils.hashing import sha256_file
 from qdiff.utils.progress import progress_bar
 
 FORMAT = "qdiff-openvino"
@@ -125,12 +125,13 @@ def write_openvino(
     _write_model_index(pipe, folder, [c.folder for c in parts])
     info = get_info(den)
     source_manifest = read_manifest(source) if source is not None else {}
+    source_doc = None if source is None else {"path": str(source), "qdiff_json_sha256": sha256_file(source / MANIFEST)}
     doc = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "qdiff_version": _qdiff_version(),
         "openvino_version": ov.get_version(),
-        "source": None if source is None else {"path": str(source), "qdiff_json_sha256": _sha256(source / MANIFEST)},
+        "source": source_doc,
         "base_model": source_manifest.get("base_model", getattr(pipe, "name_or_path", None)),
         "pipeline_class": type(pipe).__name__,
         "recipe": None if info is None else info.recipe.to_dict(),  # sampler defaults, the variant's name
@@ -224,10 +225,6 @@ def _write_model_index(pipe, folder: Path, folders: list[str]) -> None:
         if key in index and key not in folders:
             index[key] = [None, None]
     path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _qdiff_version() -> str:

@@ -30,7 +30,7 @@ class OVModel:
 
         self.disk_bytes = path.with_suffix(".bin").stat().st_size  # the IR's weights file, measured on disk
         model = core.read_model(path)
-        self.widened = widen_for_int8_kernels(model)  # i4 codes behind a FakeQuantize: int8 in memory
+        widen_for_int8_kernels(model)  # i4 codes behind a FakeQuantize: int8 in memory
         # the weights handed to the plugin (after widening), summed over the model's constants
         self.weight_bytes = sum(
             op.get_byte_size() for op in model.get_ordered_ops() if op.get_type_name() == "Constant"

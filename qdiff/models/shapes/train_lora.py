@@ -23,11 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from . import data
+from .train_unet import FEW_STEP_TIMESTEPS, _captions, _tokenize
 
 LORAS = {"white-background": ("background", "white"), "large": ("size", "large")}  # name -> (attribute, value)
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]  # 1x1 convs: proj
 OUT = Path(__file__).parent / "weights" / "loras"
-FEW_STEP_TIMESTEPS = torch.tensor([999, 749, 499, 249])  # DDIM trailing, 4 steps
 
 
 def override(a: data.Attributes, attribute: str, value: str) -> data.Attributes:
@@ -92,11 +92,7 @@ def train(name: str, out: Path, steps: int, batch: int, rank: int, lr: float, n_
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 50)
         idx = torch.randint(len(lat), (batch,), generator=g)
-        captions = [
-            "" if rng.random() < 0.1 else data.caption(data.Attributes(*map(int, y)), rng) for y in labels[idx]
-        ]
-        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids  # fmt: skip
+        ids = _tokenize(tok, _captions(labels[idx], rng))
         with torch.no_grad():
             emb = te(ids)[0]
         t = torch.randint(0, 1000, (batch,), generator=g)
