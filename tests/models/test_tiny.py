@@ -157,7 +157,7 @@ def test_generation_is_deterministic(name, pipes):
     assert torch.isfinite(a).all() and a.std() > 0
     images = _gen(pipe, seed=2)  # PIL output, another seed
     assert images[0].size == (64, 64) and images[0].mode == "RGB"
-    other = torch.from_numpy(np.asarray(images[0])).permute(2, 0, 1).float() / 255
+    other = torch.from_numpy(np.array(images[0])).permute(2, 0, 1).float() / 255
     assert (other - a[0]).abs().max() > 0.05
 
 
