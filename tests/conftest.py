@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +50,21 @@ def kdev() -> torch.device:
 def gen():
     """A fresh seeded CPU generator per test."""
     return torch.Generator("cpu").manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_w8a8_export(tmp_path_factory) -> Path:
+    """A tiny SD W8A8 export shared by the tests that only read it (copy it before changing anything)."""
+    import qdiff
+    from qdiff.models.tiny import tiny_sd_pipeline
+
+    pipe = qdiff.quantize(tiny_sd_pipeline(seed=3), "w8a8", progress=False)
+    return qdiff.save(pipe, tmp_path_factory.mktemp("tiny-w8a8") / "model")
+
+
+def copy_export(export: Path, tmp_path: Path) -> Path:
+    """A private copy of ``export`` under ``tmp_path`` for a test to change."""
+    return Path(shutil.copytree(export, tmp_path / "copy"))
 
 
 def generate(pipe, prompt="a red circle on the left", seed=0, steps=2, **kwargs) -> torch.Tensor:

@@ -3,7 +3,6 @@ every malformed JSON it reads into a one-line QdiffError naming the file (issue 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -11,30 +10,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import recording_opens
+from conftest import copy_export, recording_opens
 
 import qdiff
 from qdiff.cli import main
 from qdiff.errors import QdiffError
 from qdiff.export.load import load_denoiser_export
-from qdiff.models.tiny import tiny_sd_pipeline
+from qdiff.utils.hashing import sha256_file
 
 
-@pytest.fixture(scope="module")
-def export(tmp_path_factory) -> Path:
-    """A tiny W8A8 SD export (about 4 s to make)."""
-    pipe = qdiff.quantize(tiny_sd_pipeline(seed=3), "w8a8", progress=False)
-    return qdiff.save(pipe, tmp_path_factory.mktemp("refusals") / "model")
-
-
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _copy(export: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "copy"
-    shutil.copytree(export, dst)
-    return dst
+@pytest.fixture
+def export(tiny_w8a8_export) -> Path:
+    return tiny_w8a8_export
 
 
 def _manifest(folder: Path, change: Callable[[dict], object]) -> None:
@@ -48,7 +35,7 @@ def _rewrite(folder: Path, rel: str, text: str) -> None:
     """Replace one file and re-sign its sha256 in the manifest (a consistent but malicious or broken export)."""
     path = folder / rel
     path.write_text(text)
-    _manifest(folder, lambda m: m["files"].update({rel: _sha(path)}))
+    _manifest(folder, lambda m: m["files"].update({rel: sha256_file(path)}))
 
 
 def _refused(folder: Path, names: str | Path, load=qdiff.load) -> str:
@@ -65,8 +52,8 @@ def _refused(folder: Path, names: str | Path, load=qdiff.load) -> str:
 def test_parent_path_in_files_is_refused_before_the_outside_file_is_read(export, tmp_path, load):
     outside = tmp_path / "outside.json"
     outside.write_text('{"secret": 1}')
-    folder = _copy(export, tmp_path)
-    _manifest(folder, lambda m: m["files"].update({"../outside.json": _sha(outside)}))  # the right sha256
+    folder = copy_export(export, tmp_path)
+    _manifest(folder, lambda m: m["files"].update({"../outside.json": sha256_file(outside)}))  # the right sha256
     with recording_opens() as opened:
         message = _refused(folder, folder / "qdiff.json", load)
     assert "'../outside.json' is not a path inside the export" in message
@@ -76,8 +63,8 @@ def test_parent_path_in_files_is_refused_before_the_outside_file_is_read(export,
 def test_absolute_path_in_files_is_refused_before_the_file_is_read(export, tmp_path):
     outside = tmp_path / "outside.json"
     outside.write_text('{"secret": 1}')
-    folder = _copy(export, tmp_path)
-    _manifest(folder, lambda m: m["files"].update({str(outside): _sha(outside)}))
+    folder = copy_export(export, tmp_path)
+    _manifest(folder, lambda m: m["files"].update({str(outside): sha256_file(outside)}))
     with recording_opens() as opened:
         message = _refused(folder, folder / "qdiff.json")
     assert f"{str(outside)!r} is not a path inside the export" in message
@@ -85,7 +72,7 @@ def test_absolute_path_in_files_is_refused_before_the_file_is_read(export, tmp_p
 
 
 def test_symlinked_file_to_outside_is_refused_unread(export, tmp_path):
-    folder = _copy(export, tmp_path)
+    folder = copy_export(export, tmp_path)
     outside = tmp_path / "vae-config.json"
     shutil.move(folder / "vae" / "config.json", outside)  # same bytes: its listed sha256 still matches
     (folder / "vae" / "config.json").symlink_to(outside)
@@ -96,7 +83,7 @@ def test_symlinked_file_to_outside_is_refused_unread(export, tmp_path):
 
 
 def test_symlinked_directory_to_outside_is_refused_unread(export, tmp_path):
-    folder = _copy(export, tmp_path)
+    folder = copy_export(export, tmp_path)
     outside = tmp_path / "vae-elsewhere"
     shutil.move(folder / "vae", outside)
     (folder / "vae").symlink_to(outside, target_is_directory=True)
@@ -109,14 +96,14 @@ def test_symlinked_directory_to_outside_is_refused_unread(export, tmp_path):
 
 def test_symlink_inside_the_export_is_refused_too(export, tmp_path):
     """Exports hold plain files (qdiff writes no links): a link is refused even when it stays inside."""
-    folder = _copy(export, tmp_path)
+    folder = copy_export(export, tmp_path)
     (folder / "vae" / "config.json").rename(folder / "vae" / "real.json")
     (folder / "vae" / "config.json").symlink_to("real.json")
     assert "symbolic link inside the export" in _refused(folder, folder / "vae" / "config.json")
 
 
 def test_symlinked_manifest_is_refused_unread(export, tmp_path):
-    folder = _copy(export, tmp_path)
+    folder = copy_export(export, tmp_path)
     outside = tmp_path / "manifest.json"
     shutil.move(folder / "qdiff.json", outside)
     (folder / "qdiff.json").symlink_to(outside)
@@ -126,7 +113,7 @@ def test_symlinked_manifest_is_refused_unread(export, tmp_path):
 
 
 def test_fifo_is_refused_without_opening_it(export, tmp_path):
-    folder = _copy(export, tmp_path)
+    folder = copy_export(export, tmp_path)
     os.mkfifo(folder / "vae" / "extra.json")  # reading it would block forever
     assert "not a regular file" in _refused(folder, folder / "vae" / "extra.json")
 
@@ -139,8 +126,8 @@ def _hub_snapshot(export: Path, root: Path) -> Path:
     for path in sorted(p for p in export.rglob("*") if p.is_file()):
         link = snapshot / path.relative_to(export)
         link.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, blobs / _sha(path))
-        link.symlink_to(os.path.relpath(blobs / _sha(path), link.parent))
+        shutil.copy(path, blobs / sha256_file(path))
+        link.symlink_to(os.path.relpath(blobs / sha256_file(path), link.parent))
     return snapshot
 
 
@@ -157,28 +144,28 @@ def test_huggingface_cache_snapshot_loads_but_a_link_out_of_its_blobs_does_not(e
 
 # --- malformed JSON and configs ---------------------------------------------------------------------------------
 def test_class_name_list_in_model_index(export, tmp_path):
-    folder = _copy(export, tmp_path)
+    folder = copy_export(export, tmp_path)
     index = json.loads((folder / "model_index.json").read_text())
     _rewrite(folder, "model_index.json", json.dumps({**index, "_class_name": ["pipeline", "StableDiffusionPipeline"]}))
     assert "_class_name must be a pipeline class name" in _refused(folder, folder / "model_index.json")
 
 
 def test_model_index_that_is_a_json_list(export, tmp_path):
-    folder = _copy(export, tmp_path)
+    folder = copy_export(export, tmp_path)
     _rewrite(folder, "model_index.json", json.dumps([json.loads((folder / "model_index.json").read_text())]))
     assert "expected a JSON object, got a list" in _refused(folder, folder / "model_index.json")
 
 
 @pytest.mark.parametrize("value", ["AutoencoderKL", True, ["diffusers"], ["diffusers", 3]])
 def test_component_entry_of_the_wrong_type_in_model_index(export, tmp_path, value):
-    folder = _copy(export, tmp_path)
+    folder = copy_export(export, tmp_path)
     index = json.loads((folder / "model_index.json").read_text())
     _rewrite(folder, "model_index.json", json.dumps({**index, "vae": value}))
     assert "vae: expected [library, class]" in _refused(folder, folder / "model_index.json")
 
 
 def test_unknown_pipeline_class_in_model_index(export, tmp_path):
-    folder = _copy(export, tmp_path)
+    folder = copy_export(export, tmp_path)
     index = json.loads((folder / "model_index.json").read_text())
     _rewrite(folder, "model_index.json", json.dumps({**index, "_class_name": "logging"}))
     assert "'logging' is not a pipeline class" in _refused(folder, folder / "model_index.json")
@@ -186,19 +173,19 @@ def test_unknown_pipeline_class_in_model_index(export, tmp_path):
 
 @pytest.mark.parametrize("rel", ["vae/config.json", "unet/config.json", "scheduler/scheduler_config.json"])
 def test_component_config_that_is_not_an_object(export, tmp_path, rel):
-    folder = _copy(export, tmp_path)
+    folder = copy_export(export, tmp_path)
     _rewrite(folder, rel, "[1, 2]")
     assert "expected a JSON object, got a list" in _refused(folder, folder / rel)
 
 
 def test_component_config_that_is_not_json(export, tmp_path):
-    folder = _copy(export, tmp_path)
+    folder = copy_export(export, tmp_path)
     _rewrite(folder, "text_encoder/config.json", '{"hidden_size": ')
     assert "not valid JSON" in _refused(folder, folder / "text_encoder" / "config.json")
 
 
 def test_denoiser_config_with_a_bad_value(export, tmp_path):
-    folder = _copy(export, tmp_path)
+    folder = copy_export(export, tmp_path)
     config = json.loads((folder / "unet" / "config.json").read_text())
     _rewrite(folder, "unet/config.json", json.dumps({**config, "block_out_channels": "wide"}))
     assert "does not build a UNet2DConditionModel" in _refused(folder, folder / "unet" / "config.json")
@@ -215,7 +202,7 @@ def test_denoiser_config_with_a_bad_value(export, tmp_path):
     ],
 )
 def test_malformed_shard_index(export, tmp_path, text, says):
-    folder = _copy(export, tmp_path)
+    folder = copy_export(export, tmp_path)
     rel = "unet/qdiff.safetensors.index.json"
     _rewrite(folder, rel, text)
     _manifest(folder, lambda m: m["denoiser"].update(weights=rel))
@@ -223,7 +210,7 @@ def test_malformed_shard_index(export, tmp_path, text, says):
 
 
 def test_qsched_sidecar_that_is_not_an_object(export, tmp_path):
-    folder = _copy(export, tmp_path)
+    folder = copy_export(export, tmp_path)
     _rewrite(folder, "scheduler/qsched.json", "[1.0, 1.0]")
     assert "expected a JSON object" in _refused(folder, folder / "scheduler" / "qsched.json")
 
@@ -280,7 +267,7 @@ BAD_MANIFESTS = {
 @pytest.mark.parametrize("case", list(BAD_MANIFESTS))
 def test_manifest_field_of_the_wrong_type(export, tmp_path, case):
     change, says = BAD_MANIFESTS[case]
-    folder = _copy(export, tmp_path)
+    folder = copy_export(export, tmp_path)
     _manifest(folder, change)
     assert says in _refused(folder, folder / "qdiff.json")
 
@@ -296,13 +283,13 @@ def _cli_error(capsys, argv: list[str], names: Path) -> str:
 def test_cli_inspect_refuses_a_parent_path(export, tmp_path, capsys):
     outside = tmp_path / "outside.json"
     outside.write_text("{}")
-    folder = _copy(export, tmp_path)
-    _manifest(folder, lambda m: m["files"].update({"../outside.json": _sha(outside)}))
+    folder = copy_export(export, tmp_path)
+    _manifest(folder, lambda m: m["files"].update({"../outside.json": sha256_file(outside)}))
     _cli_error(capsys, ["inspect", str(folder)], folder / "qdiff.json")
 
 
 def test_cli_generate_refuses_a_class_name_list(export, tmp_path, capsys):
-    folder = _copy(export, tmp_path)
+    folder = copy_export(export, tmp_path)
     index = json.loads((folder / "model_index.json").read_text())
     _rewrite(folder, "model_index.json", json.dumps({**index, "_class_name": ["x", "StableDiffusionPipeline"]}))
     argv = ["generate", str(folder), "--prompt", "x", "--out", str(tmp_path / "o.png")]
@@ -311,7 +298,7 @@ def test_cli_generate_refuses_a_class_name_list(export, tmp_path, capsys):
 
 
 def test_cli_generate_refuses_a_symlinked_file(export, tmp_path, capsys):
-    folder = _copy(export, tmp_path)
+    folder = copy_export(export, tmp_path)
     outside = tmp_path / "vae-config.json"
     shutil.move(folder / "vae" / "config.json", outside)
     (folder / "vae" / "config.json").symlink_to(outside)
