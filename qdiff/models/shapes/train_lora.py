@@ -20,10 +20,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import data
-from .train_unet import FEW_STEP_TIMESTEPS, _captions, _tokenize
+from .train_unet import _captions, _tokenize, v_loss
 
 LORAS = {"white-background": ("background", "white"), "large": ("size", "large")}  # name -> (attribute, value)
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]  # 1x1 convs: proj
@@ -95,12 +94,7 @@ def train(name: str, out: Path, steps: int, batch: int, rank: int, lr: float, n_
         ids = _tokenize(tok, _captions(labels[idx], rng))
         with torch.no_grad():
             emb = te(ids)[0]
-        t = torch.randint(0, 1000, (batch,), generator=g)
-        few = torch.rand(batch, generator=g) < 0.25
-        t[few] = FEW_STEP_TIMESTEPS[torch.randint(0, 4, (int(few.sum()),), generator=g)]
-        noise = torch.randn(lat[idx].shape, generator=g)
-        a, s = acp[t].sqrt()[:, None, None, None], (1 - acp[t]).sqrt()[:, None, None, None]
-        loss = F.mse_loss(unet(a * lat[idx] + s * noise, t, emb).sample, a * noise - s * lat[idx])  # v-prediction
+        loss = v_loss(unet, lat[idx], emb, acp, g, 0.25)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

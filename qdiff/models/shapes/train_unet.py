@@ -59,6 +59,18 @@ def _tokenize(tok, captions: list[str]) -> torch.Tensor:
     ).input_ids
 
 
+def v_loss(unet, z0: torch.Tensor, emb: torch.Tensor, acp: torch.Tensor, g: torch.Generator, few_frac: float):
+    """The v-prediction loss of one batch of latents z0 (B, C, H, W): timesteps uniform in [0, 1000), a share
+    ``few_frac`` of them replaced by the 4-step sampler's, noise from ``g`` (drawn in that order)."""
+    t = torch.randint(0, 1000, (len(z0),), generator=g)
+    few = torch.rand(len(z0), generator=g) < few_frac
+    t[few] = FEW_STEP_TIMESTEPS[torch.randint(0, 4, (int(few.sum()),), generator=g)]
+    noise = torch.randn(z0.shape, generator=g)
+    a = acp[t].sqrt()[:, None, None, None]
+    s = (1 - acp[t]).sqrt()[:, None, None, None]
+    return F.mse_loss(unet(a * z0 + s * noise, t, emb).sample, a * noise - s * z0)
+
+
 @torch.no_grad()
 def evaluate_pipeline(
     pipe, clf: AttributeClassifier, n: int, seed: int, split: str = "heldout", batch: int = 64, **sampler
@@ -124,14 +136,7 @@ def stage_unet(root: Path, args: argparse.Namespace) -> None:
         idx = torch.randint(len(lat), (args.unet_batch,), generator=g)
         z0 = lat[idx]
         emb = te(_tokenize(tok, _captions(labels[idx], rng)))[0]
-        t = torch.randint(0, 1000, (len(idx),), generator=g)
-        few = torch.rand(len(idx), generator=g) < args.few_step_frac
-        t[few] = FEW_STEP_TIMESTEPS[torch.randint(0, 4, (int(few.sum()),), generator=g)]
-        noise = torch.randn(z0.shape, generator=g)
-        a = acp[t].sqrt()[:, None, None, None]
-        s = (1 - acp[t]).sqrt()[:, None, None, None]
-        pred = unet(a * z0 + s * noise, t, emb).sample
-        loss = F.mse_loss(pred, a * noise - s * z0)  # v-prediction
+        loss = v_loss(unet, z0, emb, acp, g, args.few_step_frac)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
