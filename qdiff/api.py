@@ -12,6 +12,7 @@ from qdiff.errors import QdiffError
 from qdiff.export.pretrained import attach_save, attach_text_encoder_save
 from qdiff.lora.fuse import fuse_recipe_loras, fused_loras, with_loras
 from qdiff.lora.pipeline import attach_pipeline_hooks
+from qdiff.lora.saved import saved_entry
 from qdiff.models.adapters import find_denoiser, get_adapter
 from qdiff.models.schedulers import apply_sampler_scheduler
 from qdiff.quant.observers import make_observer
@@ -228,10 +229,9 @@ def load(path: str | Path, device: str | None = None, kernel: str | None = None,
 
 def _note_saved_loras(folder: Path) -> None:
     """One warning line when the export carries unfused LoRA adapters (loaded without them; docs/lora.md)."""
-    import json
     import logging
 
-    entry = json.loads((folder / "qdiff.json").read_text()).get("lora_adapters")
+    entry, _ = saved_entry(folder)
     if entry:
         names = ", ".join(a["name"] for a in entry["adapters"])
         logging.getLogger("qdiff").warning(

@@ -96,9 +96,11 @@ def can_stream(recipe: Recipe, plan: Plan | None = None, ranges: Ranges | None =
         )
     if recipe.qsched.enabled:
         return False, "recipe.qsched is enabled: Q-Sched draws images with the quantized pipeline to fit its schedule"
-    changed = [lora.path for lora in recipe.loras if _text_encoder_lora(lora)]
-    if changed:
-        return False, f"the LoRA {changed[0]} also changes a text encoder, which is fused in memory"
+    from qdiff.lora.files import has_text_encoder_part
+
+    changed = next((lora.path for lora in recipe.loras if has_text_encoder_part(lora)), None)
+    if changed is not None:
+        return False, f"the LoRA {changed} also changes a text encoder, which is fused in memory"
     act = recipe.activations
     quantized_acts = any(b.a_bits is not None for b in plan.layers.values()) if plan is not None else act.bits != 16
     if act.mode == "static" and quantized_acts:
@@ -106,12 +108,6 @@ def can_stream(recipe: Recipe, plan: Plan | None = None, ranges: Ranges | None =
             return False, "static activations need ranges from a calibration run (pass those of qdiff calibrate)"
         return True, "static activations from the captured ranges: no forward pass of the float model"
     return True, "dynamic activations: no forward pass of the float model"
-
-
-def _text_encoder_lora(lora) -> bool:
-    from qdiff.lora.files import has_text_encoder_part
-
-    return has_text_encoder_part(lora)
 
 
 def resolve_source(source: str | Path, config: str | Path | None = None) -> Source:

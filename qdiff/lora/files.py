@@ -19,6 +19,11 @@ _TEXT_PREFIXES = ("text_encoder", "lora_te")
 
 def checked_path(lora: LoraFile) -> Path:
     """The LoRA's file, after checking that it is a readable safetensors file (the header is parsed, no tensor)."""
+    return checked_keys(lora)[0]
+
+
+def checked_keys(lora: LoraFile) -> tuple[Path, list[str]]:
+    """:func:`checked_path` and the tensor names its header holds (the header read once)."""
     path = Path(lora.path).expanduser()
     if path.suffix.lower() != ".safetensors":
         raise QdiffError(f"LoRA {lora.path}: only .safetensors LoRA files are loaded (never pickle: .bin/.pt/.ckpt)")
@@ -27,8 +32,7 @@ def checked_path(lora: LoraFile) -> Path:
             f"LoRA {lora.path}: file not found (a LoRA must be a local .safetensors file: the recipe's "
             "loras or --lora PATH[:SCALE] name it; nothing is downloaded)"
         )
-    keys(path)
-    return path
+    return path, keys(path)
 
 
 def keys(path: Path) -> list[str]:
@@ -59,4 +63,4 @@ def resolve(loras: tuple[LoraFile, ...]) -> tuple[LoraFile, ...]:
 
 def has_text_encoder_part(lora: LoraFile) -> bool:
     """Whether the LoRA also changes a text encoder (header keys only)."""
-    return any(k.startswith(_TEXT_PREFIXES) for k in keys(checked_path(lora)))
+    return any(k.startswith(_TEXT_PREFIXES) for k in checked_keys(lora)[1])

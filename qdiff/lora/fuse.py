@@ -67,8 +67,8 @@ def fuse_loras(pipe, loras: tuple[LoraFile, ...]) -> None:
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, use_safetensors=True, local_files_only=True,
                                adapter_name=_FUSE_ADAPTER)  # fmt: skip
         try:
-            wrapped = [m for c in pipe.components.values() if isinstance(c, nn.Module) for m in c.modules()
-                       if isinstance(m, BaseTunerLayer)]  # fmt: skip
+            wrapped = any(isinstance(m, BaseTunerLayer) for c in pipe.components.values()
+                          if isinstance(c, nn.Module) for m in c.modules())  # fmt: skip
             if not wrapped:
                 raise QdiffError(f"LoRA {lora.path}: none of its keys names a layer of this {type(pipe).__name__}")
             pipe.fuse_lora(lora_scale=lora.scale, adapter_names=[_FUSE_ADAPTER])

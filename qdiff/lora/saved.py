@@ -14,7 +14,6 @@ the images of the saved pipeline bit for bit (tests/lora/test_lora_shapes.py).
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import re
 import sys
@@ -26,6 +25,7 @@ from typing import Any
 from torch import nn
 
 from qdiff.errors import QdiffError
+from qdiff.export.manifest import MANIFEST, read_manifest
 from qdiff.utils.hashing import sha256_file
 
 LORA_FOLDER = "lora"
@@ -96,13 +96,15 @@ def detached_loras(pipe) -> Iterator[SavedAdapters | None]:
         return
     from peft.utils import get_peft_model_state_dict
 
-    components = {n: c for n, c in pipe.components.items() if isinstance(c, nn.Module) and _lora_layers(c)}
-    if not components:
+    # each component walked once: component -> (module, its (parent, attribute, LoRA layer) triples)
+    found = {n: (c, hit) for n, c in pipe.components.items() if isinstance(c, nn.Module) and (hit := _lora_layers(c))}
+    if not found:
         yield None
         return
+    components = {n: c for n, (c, _) in found.items()}
     saved = SavedAdapters(type(pipe))
-    for comp, module in components.items():
-        layers = [layer for _, _, layer in _lora_layers(module)]
+    for comp, (module, hit) in found.items():
+        layers = [layer for _, _, layer in hit]
         saved.active = list(dict.fromkeys(saved.active + list(layers[0].active_adapters)))
         saved.enabled = saved.enabled and not layers[0].disable_adapters
         for name, config in getattr(module, "peft_config", {}).items():
@@ -111,7 +113,7 @@ def detached_loras(pipe) -> Iterator[SavedAdapters | None]:
             saved.states.setdefault(name, {})[comp] = get_peft_model_state_dict(module, adapter_name=name)
             saved.metadata.setdefault(name, {})[comp] = config.to_dict()
             saved.weights.setdefault(name, {})[comp] = _weight(layers, name, comp)
-    swaps = [(p, a, layer) for module in components.values() for p, a, layer in _lora_layers(module)]
+    swaps = [swap for _, hit in found.values() for swap in hit]
     stash = {
         (comp, attr): vars(m).pop(attr) for comp, m in components.items() for attr in _PEFT_ATTRS if attr in vars(m)
     }
@@ -126,20 +128,27 @@ def detached_loras(pipe) -> Iterator[SavedAdapters | None]:
             setattr(components[comp], attr, value)
 
 
+def saved_entry(folder: Path) -> tuple[dict[str, Any] | None, dict[str, str]]:
+    """The ``lora_adapters`` entry of the export at ``folder`` (None: no adapters saved) and the manifest's file
+    hashes; the manifest is read and checked by :func:`~qdiff.export.manifest.read_manifest` (no symbolic link, a
+    qdiff export manifest of a readable format version)."""
+    manifest = read_manifest(folder)
+    return manifest.get("lora_adapters") or None, manifest["files"]
+
+
 def load_saved_loras(pipe, folder: str | Path) -> list[str]:
     """Load the adapters saved with the export at ``folder`` into ``pipe`` (loaded from it) with their names,
     ``set_adapters`` weights, active set and enabled state; returns the adapter names (an empty list: none saved)."""
     folder = Path(folder)
-    manifest = json.loads((folder / "qdiff.json").read_text())
-    entry = manifest.get("lora_adapters")
-    if not entry:
+    entry, files = saved_entry(folder)
+    if entry is None:
         return []
     for adapter in entry["adapters"]:
         if not isinstance(adapter.get("file"), str) or not _FILE.fullmatch(adapter["file"]):
-            raise QdiffError(f"{folder}/qdiff.json: lora_adapters: unexpected file {adapter.get('file')!r}")
+            raise QdiffError(f"{folder / MANIFEST}: lora_adapters: unexpected file {adapter.get('file')!r}")
         path = folder / adapter["file"]
-        if manifest["files"].get(adapter["file"]) != sha256_file(path):
-            raise QdiffError(f"{path}: sha256 mismatch with qdiff.json (file was modified or corrupted)")
+        if files.get(adapter["file"]) != sha256_file(path):
+            raise QdiffError(f"{path}: sha256 mismatch with {MANIFEST} (file was modified or corrupted)")
         pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter["name"],
                                use_safetensors=True, local_files_only=True)  # fmt: skip
     weights = {a["name"]: a["weights"] for a in entry["adapters"]}

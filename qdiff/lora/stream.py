@@ -93,13 +93,14 @@ class LayerDeltas:
         module = self.layers.get(layer)
         if module is None or leaf not in ("weight", "bias"):
             return tensor
+        fused = [(n, s) for n, s in self.adapters if n in module.lora_A and (leaf == "weight" or module.lora_bias[n])]
+        if not fused:
+            return tensor
         out = tensor.clone()
-        for name, scale in self.adapters:
-            if name not in module.lora_A or (leaf == "bias" and not module.lora_bias[name]):
-                continue
+        for name, scale in fused:
             module.lora_A[name].to(out.dtype)
             module.lora_B[name].to(out.dtype)
-            scaling = module.scaling[name] * scale if scale != 1.0 else module.scaling[name]  # fuse_lora's scale_layer
+            scaling = module.scaling[name] * scale  # fuse_lora's scale_layer (a float: * 1.0 changes no bit)
             if leaf == "weight":
                 saved, module.scaling[name] = module.scaling[name], scaling
                 try:
