@@ -2,8 +2,8 @@
 
 Only what needs no forward pass of the float pipeline (the same rule as streaming, ``qdiff.export.stream``):
 dynamic activations, float activations, or static ones with ranges from ``qdiff calibrate`` (``calib=DIR``).
-BOS-aware recipes, Q-Sched and text-encoder sections need the whole pipeline: run ``qdiff quantize`` and load the
-export instead.
+BOS-aware recipes, Q-Sched and text-encoder sections need the whole pipeline, and a recipe's ``loras`` are fused
+into the float pipeline before quantizing (never on load): run ``qdiff quantize`` and load the export instead.
 """
 
 from __future__ import annotations
@@ -22,6 +22,13 @@ def _resolve(config) -> tuple[Recipe, Plan | None, object | None]:
     from qdiff.calib.stats import CapturedStats
 
     recipe = Recipe.load(config.recipe or "w8a8")
+    if recipe.loras:  # before any other work; diffusers may skip check_recipe (no torch_dtype), never this
+        paths = ", ".join(str(lora.path) for lora in recipe.loras)
+        raise QdiffError(
+            f"QdiffConfig(recipe={config.recipe!r}): the recipe fuses LoRAs (loras: {paths}); quantize-on-load does "
+            f"not fuse them: run `qdiff quantize --recipe {config.recipe}` (--lora PATH:SCALE names the file) or "
+            "qdiff.quantize(pipe, recipe) and load the export with DiffusionPipeline.from_pretrained"
+        )
     plan = None if config.plan is None else Plan.load(config.plan)
     ranges = None
     if config.calib is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -120,6 +121,31 @@ def test_static_recipe_without_ranges_says_calibrate(made):
     quant = PipelineQuantizationConfig(quant_mapping={"unet": dm.QdiffConfig(recipe="w8a8-static")})
     with pytest.raises(QdiffError, match=r"run `qdiff calibrate .*QdiffConfig\(calib='DIR'\)"):
         DiffusionPipeline.from_pretrained(floating, quantization_config=quant)
+
+
+def test_recipe_with_loras_is_refused_on_load(made, tmp_path):
+    """Quantize-on-load does not fuse a recipe's LoRAs: refused before any work (the LoRA file is not even opened)."""
+    from qdiff.config.loras import LoraFile
+    from qdiff.integrations.onload import quantize_denoiser
+
+    floating, _, _ = made("tiny-sd")
+    recipe = tmp_path / "w8a8-lora.yaml"  # dynamic activations: everything else quantizes on load
+    Recipe.load("w8a8").replace(name="w8a8-lora", loras=(LoraFile("absent.safetensors", 0.8),)).save(recipe)
+    pcm = Recipe.load("pcm-sdxl-w8a8").loras[0].path
+
+    def said(name: str, lora: str) -> str:
+        return (rf"QdiffConfig\(recipe='{re.escape(name)}'\): the recipe fuses LoRAs \(loras: {re.escape(lora)}\); "
+                rf"quantize-on-load does not fuse them: run `qdiff quantize --recipe {re.escape(name)}`")  # fmt: skip
+
+    for name, lora in ((str(recipe), "absent.safetensors"), ("pcm-sdxl-w8a8", pcm)):
+        quant = PipelineQuantizationConfig(quant_mapping={"unet": dm.QdiffConfig(recipe=name)})
+        with pytest.raises(QdiffError, match=said(name, lora)) as info:
+            DiffusionPipeline.from_pretrained(floating, quantization_config=quant)
+        assert "\n" not in str(info.value) and "qdiff.quantize(pipe, recipe)" in str(info.value)
+    den = torch.nn.Sequential(torch.nn.Linear(4, 4))  # also when diffusers skips validate_environment (no torch_dtype)
+    with pytest.raises(QdiffError, match=said(str(recipe), "absent.safetensors")):
+        quantize_denoiser(den, dm.QdiffConfig(recipe=str(recipe)))
+    assert type(den[0]) is torch.nn.Linear
 
 
 def _files(folder: Path) -> dict[str, str]:
