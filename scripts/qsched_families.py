@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -73,17 +74,24 @@ def eval_set(name: str, held: list[str]) -> tuple[list[str], list[int], list[int
     return caps * 2, [base + i for i in range(2 * n)], list(range(n)) * 2, [0] * n + [1] * n
 
 
-def judge(images, caps: list[str]) -> dict[str, np.ndarray]:
-    from qdiff.models.shapes.data import ATTRIBUTE_KEYS, parse_caption
+@functools.cache
+def _scorers():
+    """(attribute classifier, CLIP scorer, quality scorer) of Shapes, loaded once."""
     from qdiff.models.shapes.scorers import AttributeClassifier, ClipScorer, QualityScorer
 
-    cls = AttributeClassifier()
+    return AttributeClassifier(), ClipScorer(), QualityScorer()
+
+
+def judge(images, caps: list[str]) -> dict[str, np.ndarray]:
+    from qdiff.models.shapes.data import ATTRIBUTE_KEYS, parse_caption
+
+    cls, clip, quality = _scorers()
     pred = cls.predict(images).numpy()
     correct = np.full(pred.shape, np.nan)
     for i, c in enumerate(caps):
         for k, v in parse_caption(c).items():
             correct[i, ATTRIBUTE_KEYS.index(k)] = float(pred[i, ATTRIBUTE_KEYS.index(k)] == v)
-    return {"clip": ClipScorer().score(images, caps).numpy(), "quality": QualityScorer().score(images).numpy(),
+    return {"clip": clip.score(images, caps).numpy(), "quality": quality.score(images).numpy(),
             "features": cls.features(images).double().numpy(), "correct": correct}  # fmt: skip
 
 
@@ -91,9 +99,8 @@ def real_features(out: Path, name: str, caps: list[str]) -> np.ndarray:
     path = out / f"real-{name}.npy"
     if not path.is_file():
         from qdiff.eval.shapes import real_renders
-        from qdiff.models.shapes.scorers import AttributeClassifier
 
-        np.save(path, AttributeClassifier().features(real_renders(caps, seed=0)).double().numpy())
+        np.save(path, _scorers()[0].features(real_renders(caps, seed=0)).double().numpy())
     return np.load(path)
 
 
@@ -128,7 +135,7 @@ def run_export(folder: Path, out: Path, args) -> None:
     fits_path = here / "fits.json"
     fits = json.loads(fits_path.read_text()) if fits_path.is_file() else {}
     pool = load_prompts(recipe.qsched.prompts)
-    labels = label_table(pool, ("background", "template"))
+    labels = label_table(pool, tuple(dict.fromkeys(h.split("=")[0] for h in args.hold_out)))  # the named attributes
     pool = [p for p, lab in zip(pool, labels) if not {f"{k}={v}" for k, v in lab.items()} & set(args.hold_out)]
     print(f"[{recipe.name}] pool {len(pool)} prompts without {', '.join(args.hold_out)}", flush=True)
     for name, change in VARIANTS.items():
@@ -225,6 +232,9 @@ def table(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from qdiff.config.sections import QSCHED_FAMILIES
+    from qdiff.sched.families import EMBEDDING
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("exports", nargs="*", help="quantized Shapes export folders (qdiff quantize --recipe shapes-w*)")
     p.add_argument("--out", required=True, help="folder for the per-image arrays, fits.json, results.json, table.md")
@@ -232,6 +242,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", action="append", help="run only these variants (repeatable; plain always runs)")
     args = p.parse_args(argv)
     args.hold_out = args.hold_out or ["background=gray", "template=t2"]
+    shapes = [a for a in QSCHED_FAMILIES if a != EMBEDDING]  # held-out families are Shapes attribute values
+    for h in args.hold_out:
+        if h.count("=") != 1 or h.split("=")[0] not in shapes or not h.split("=")[1]:
+            p.error(f"--hold-out {h!r}: expected attr=value with attr one of {', '.join(shapes)}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     for folder in args.exports:

@@ -43,6 +43,17 @@ def positive(path: str, value: Any, allow_zero: bool = False) -> None:
         raise fail(path, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def increasing(path: str, values: Any, noun: str, allow_zero: bool = False, kind: str | None = None) -> None:
+    """A tuple of increasing, distinct :func:`positive` numbers (``allow_zero`` as there); the errors call them
+    ``noun`` ("radii must be increasing ...") and ``kind`` ("must be a list of ridge strengths"; default ``noun``)."""
+    if not isinstance(values, tuple):
+        raise fail(path, f"must be a list of {kind or noun}, got {values!r}")
+    for i, v in enumerate(values):
+        positive(f"{path}[{i}]", v, allow_zero)
+    if list(values) != sorted(set(values)):
+        raise fail(path, f"{noun} must be increasing and distinct, got {list(values)}")
+
+
 @dataclass(frozen=True)
 class WeightConfig:
     """Weight quantizer: symmetric, per output channel by default (MixDQ)."""
@@ -288,13 +299,7 @@ class QSchedConfig:
         positive(f"{path}.anchor_weight", self.anchor_weight, allow_zero=True)
         if self.features == "none" and (self.anchor_weight > 0 or self.guard):
             raise fail(f"{path}.features", "anchor_weight > 0 and guard need image features (e.g. 'shapes-clip')")
-        radii = self.trust_radius
-        if not isinstance(radii, tuple):
-            raise fail(f"{path}.trust_radius", f"must be a list of radii, got {radii!r}")
-        for i, r in enumerate(radii):
-            positive(f"{path}.trust_radius[{i}]", r)
-        if list(radii) != sorted(set(radii)):
-            raise fail(f"{path}.trust_radius", f"radii must be increasing and distinct, got {list(radii)}")
+        increasing(f"{path}.trust_radius", self.trust_radius, "radii")
         if not isinstance(self.guard, bool):
             raise fail(f"{path}.guard", f"must be true or false, got {self.guard!r}")
         positive(f"{path}.guard_tolerance", self.guard_tolerance, allow_zero=True)
@@ -326,12 +331,7 @@ class QSchedConfig:
         if not self.confidence < 1:
             raise fail(f"{path}.confidence", f"must be in (0, 1), got {self.confidence!r}")
         positive(f"{path}.family_tolerance", self.family_tolerance, allow_zero=True)
-        if not isinstance(self.shrinkage, tuple):
-            raise fail(f"{path}.shrinkage", f"must be a list of ridge strengths, got {self.shrinkage!r}")
-        for i, a in enumerate(self.shrinkage):
-            positive(f"{path}.shrinkage[{i}]", a, allow_zero=True)
-        if list(self.shrinkage) != sorted(set(self.shrinkage)):
-            raise fail(f"{path}.shrinkage", f"strengths must be increasing and distinct, got {list(self.shrinkage)}")
+        increasing(f"{path}.shrinkage", self.shrinkage, "strengths", allow_zero=True, kind="ridge strengths")
         if self.shrinkage and not self.families:
             raise fail(f"{path}.shrinkage", "the strength is chosen by cross-validation over families: set families")
         if self.families and len(self.trust_radius) > 1:

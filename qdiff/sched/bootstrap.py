@@ -96,17 +96,24 @@ def paired_fd_difference(x, y, ref, prompt_ids: Sequence[int], seed_ids: Sequenc
                          seed: int = 0, level: float = 0.95, chunk: int = 250) -> Interval:  # fmt: skip
     """``FD(x, ref) - FD(y, ref)`` and its paired bootstrap interval; row ``i`` of x, y and ref belongs to image
     ``i`` of the grid (x and y: the two samplers' features; ref: the reference set, paired by prompt and slot)."""
+    return paired_fd(x, y, ref, prompt_ids, seed_ids, n_boot, seed, level, chunk)[0]
+
+
+def paired_fd(x, y, ref, prompt_ids: Sequence[int], seed_ids: Sequence[int], n_boot: int = 1000, seed: int = 0,
+              level: float = 0.95, chunk: int = 250) -> tuple[Interval, float]:  # fmt: skip
+    """(:func:`paired_fd_difference`, ``FD(y, ref)``): the interval and the point FD of the ``y`` sample."""
     x, y, ref = (torch.as_tensor(v, dtype=torch.float64) for v in (x, y, ref))
     if not x.shape == y.shape == ref.shape or x.ndim != 2 or x.shape[0] != len(prompt_ids):
         raise QdiffError(f"bootstrap: feature sets {tuple(x.shape)}, {tuple(y.shape)}, {tuple(ref.shape)} for "
                          f"{len(prompt_ids)} images")  # fmt: skip
     idx = torch.from_numpy(bootstrap_indices(prompt_ids, seed_ids, n_boot, seed))
-    value = float(batched_frechet(x[None], ref[None]) - batched_frechet(y[None], ref[None]))
+    fd_y = batched_frechet(y[None], ref[None])
+    value = float(batched_frechet(x[None], ref[None]) - fd_y)
     parts = []
     for i in idx.split(chunk):
         r = _moments(ref[i])  # shared by both distances
         parts.append(_frechet(_moments(x[i]), r) - _frechet(_moments(y[i]), r))
-    return _interval(value, torch.cat(parts).numpy(), level)
+    return _interval(value, torch.cat(parts).numpy(), level), float(fd_y[0])
 
 
 def paired_mean_difference(a, b, prompt_ids: Sequence[int], seed_ids: Sequence[int], n_boot: int = 1000,

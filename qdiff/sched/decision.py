@@ -28,7 +28,7 @@ import torch
 
 from qdiff.config.recipe import QSchedConfig
 from qdiff.errors import QdiffError
-from qdiff.sched.bootstrap import Interval, batched_frechet, paired_fd_difference, paired_mean_difference
+from qdiff.sched.bootstrap import Interval, paired_fd, paired_mean_difference
 from qdiff.sched.families import family_index
 from qdiff.sched.jaq import LOG_EPS
 
@@ -62,7 +62,7 @@ class Scores:
 
     alignment: Sequence[float]
     quality: Sequence[float]
-    features: Sequence[Sequence[float]]
+    features: Sequence[Sequence[float]] | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,7 @@ def family_rows(sched: Scores, plain: Scores, reference: Sequence[Sequence[float
                          f"grid of {len(grid.prompt_ids)} validation images")  # fmt: skip
     ja, jp = _jaq_terms(sched, cfg), _jaq_terms(plain, cfg)
     al_s, al_p = np.asarray(sched.alignment, dtype=np.float64), np.asarray(plain.alignment, dtype=np.float64)
+    boot = {"n_boot": cfg.bootstrap, "seed": cfg.seed, "level": cfg.confidence}
     rows = []
     for name in only if only is not None else list(grid.families):
         idx = list(grid.families[name])
@@ -107,9 +108,7 @@ def family_rows(sched: Scores, plain: Scores, reference: Sequence[Sequence[float
             raise QdiffError(f"Q-Sched families: family {name} has {len(idx)} validation image(s); need >= 2 "
                              "(more heldout_prompts or validation_seeds, or fewer families)")  # fmt: skip
         p_ids, s_ids = [grid.prompt_ids[k] for k in idx], [grid.seed_ids[k] for k in idx]
-        boot = {"n_boot": cfg.bootstrap, "seed": cfg.seed, "level": cfg.confidence}
-        fd = paired_fd_difference(x[idx], y[idx], ref[idx], p_ids, s_ids, **boot)
-        floor = float(batched_frechet(y[idx][None], ref[idx][None])[0])
+        fd, floor = paired_fd(x[idx], y[idx], ref[idx], p_ids, s_ids, **boot)
         rows.append(FamilyRow(
             family=name, images=len(idx), floor=floor, fd=fd,
             alignment=paired_mean_difference(al_s[idx], al_p[idx], p_ids, s_ids, **boot),

@@ -20,11 +20,10 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from qdiff.config.sections import QSCHED_FAMILIES
 from qdiff.errors import QdiffError
 
-SHAPES_ATTRIBUTES = ("background", "colour", "size", "position", "shape", "template")
 EMBEDDING = "embedding"
-FAMILY_ATTRIBUTES = SHAPES_ATTRIBUTES + (EMBEDDING,)
 NONE = "none"  # the value of an attribute a caption does not name
 
 Labels = Sequence[Mapping[str, str]]  # one {attribute: value} per prompt
@@ -50,9 +49,9 @@ def label_table(prompts: Sequence[str], by: Sequence[str], embeddings=None, clus
 
     ``embeddings`` (P, D): the prompts' text embeddings, needed for ``embedding`` (k-means into ``clusters``).
     """
-    unknown = [b for b in by if b not in FAMILY_ATTRIBUTES]
+    unknown = [b for b in by if b not in QSCHED_FAMILIES]
     if unknown:
-        known = ", ".join(FAMILY_ATTRIBUTES)
+        known = ", ".join(QSCHED_FAMILIES)
         raise QdiffError(f"prompt families: unknown attribute {unknown[0]!r}; choose from {known}")
     rows: list[dict[str, str]] = [{} for _ in prompts]
     shapes_by = [b for b in by if b != EMBEDDING]

@@ -21,7 +21,6 @@ have in common — identity and the first compass steps — are drawn once.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -39,6 +38,7 @@ from qdiff.sched.guard import (
     generations,
     recorded_features,
     split_metrics,
+    trust_box,
 )
 from qdiff.sched.qsched import Schedule
 
@@ -70,10 +70,7 @@ def fit_families(
     log = KeyLog(cache or EvalCache(None, {}))
     name, num_fit, num_val = cfg.parameterisation, len(fit_labels), len(grid.prompt_ids)
     ident = rounded_schedule(name, params.identity_theta(name, steps), steps)
-    box = cfg
-    if cfg.trust_radius:
-        r = cfg.trust_radius[0]
-        box = dataclasses.replace(cfg, range_min=max(cfg.range_min, 1 - r), range_max=min(cfg.range_max, 1 + r))
+    box = trust_box(cfg, cfg.trust_radius[0] if cfg.trust_radius else None)
     new = ensure_scored(evaluate, log, ident, "heldout", num_val)
     new += ensure_scored(evaluate, log, ident, REFERENCE_SPLIT, num_val)
     plain, reference = _scores(log, ident), recorded_features(log, ident, REFERENCE_SPLIT)
@@ -92,7 +89,7 @@ def fit_families(
             return []
         return family_rows(_scores(log, sched), plain, reference, grid, cfg, only)
 
-    cv, chosen = [], 0.0
+    cv, passing, chosen = [], [], 0.0
     if cfg.shrinkage:
         attr = cfg.families[0]
         folds = cv_folds(fit_labels, attr, cfg.cv_folds)
@@ -114,7 +111,7 @@ def fit_families(
         chosen = pick["alpha"]
     res, sched = search(None, chosen)
     table = rows(sched)
-    cv_ok = not cv or any(e["passed"] for e in cv)
+    cv_ok = not cv or bool(passing)
     ok, why = verdict(table, cfg)
     if sched.is_identity:
         ok, why = False, "the search found nothing better than identity" + _cv_note(cv, chosen)
@@ -130,7 +127,7 @@ def fit_families(
                 "jaq": {"fit_identity": res.train_jaq_identity, "fit": res.train_jaq_best,
                         "heldout_identity": res.heldout_jaq_identity, "heldout": res.heldout_jaq_best},
                 "families": report["families"]}  # fmt: skip
-        worst = max(table, key=lambda r: r.fd.high / r.floor if r.floor > 0 else math.inf)
+        worst = max(table, key=lambda r: r.excess)
         message = (f"Q-Sched: every prompt family passed ({len(table)} incl. {ALL}; worst {worst.family}: FD proxy "
                    f"upper end {worst.fd.high:+.4f}); held-out JAQ {res.heldout_jaq_identity:.4f} -> "
                    f"{res.heldout_jaq_best:.4f} ({where})")  # fmt: skip
@@ -154,14 +151,15 @@ def _cv_note(cv: list[dict[str, Any]], chosen: float) -> str:
 
 def _scores(log: KeyLog, sched: Schedule) -> Scores:
     a, q = log.get(coefficient_key("heldout", sched))
-    return Scores(a, q, recorded_features(log, sched, "heldout").tolist())
+    return Scores(a, q, recorded_features(log, sched, "heldout"))
 
 
 def _report(cfg, log, ident, sched, table, cv, chosen, ok) -> dict[str, Any]:
     """The guard report (``qdiff.sched.guard.format_report``'s layout) plus the per-family table."""
     heldout = split_metrics(log, sched, "heldout", cfg) if not sched.is_identity else {}
+    heldout_identity = split_metrics(log, ident, "heldout", cfg)
     pooled = next((r for r in table if r.family == ALL), None)
-    gain = heldout["jaq"] - split_metrics(log, ident, "heldout", cfg)["jaq"] if heldout else 0.0
+    gain = heldout["jaq"] - heldout_identity["jaq"] if heldout else 0.0
     candidate = {"trust_radius": cfg.trust_radius[0] if cfg.trust_radius else None, "c_eps": list(sched.c_eps),
                  "c_x": list(sched.c_x), "heldout": heldout, "gain": gain, "validation_score": None, "anchor": None,
                  "drift": None if pooled is None or not pooled.floor else 1 + pooled.fd.value / pooled.floor,
@@ -171,5 +169,5 @@ def _report(cfg, log, ident, sched, table, cv, chosen, ok) -> dict[str, Any]:
                 "rows": [r.to_dict() for r in table], "cv": cv, "kept": ok}  # fmt: skip
     return {"features": cfg.features, "anchor_weight": cfg.anchor_weight, "guard": True,
             "guard_tolerance": cfg.guard_tolerance, "reference_steps": cfg.reference_steps,
-            "heldout_identity": split_metrics(log, ident, "heldout", cfg), "candidates": [candidate],
+            "heldout_identity": heldout_identity, "candidates": [candidate],
             "families": families}  # fmt: skip

@@ -128,6 +128,13 @@ def choose(cands: Sequence[Candidate], cfg: QSchedConfig) -> tuple[int | None, s
 
 
 # ---- the guarded fit ----------------------------------------------------------------------------------------
+def trust_box(cfg: QSchedConfig, r: float | None) -> QSchedConfig:
+    """``cfg`` with its search box cut to the trust region ``[1 - r, 1 + r]`` (``cfg`` itself when r is None)."""
+    if r is None:
+        return cfg
+    return dataclasses.replace(cfg, range_min=max(cfg.range_min, 1 - r), range_max=min(cfg.range_max, 1 + r))
+
+
 class KeyLog:
     """Cache proxy that records which keys a fit touched (to count distinct generations across radii)."""
 
@@ -165,25 +172,21 @@ def fit_guarded(
     ident = rounded_schedule(name, params.identity_theta(name, steps), steps)
     use_features = cfg.features != "none"
 
-    def feats(sched: Schedule, split: str) -> Tensor:
-        return recorded_features(log, sched, split)
-
     new_gens, results, cands = 0, [], []
     if cfg.anchor_weight > 0 and cfg.reference_steps:
         new_gens += ensure_scored(evaluate, log, ident, ANCHOR_SPLIT, num_fit)
     penalty = anchor_penalty(log, cfg, ident)
     for r in cfg.trust_radius or (None,):
-        sub = cfg if r is None else dataclasses.replace(cfg, range_min=max(cfg.range_min, 1 - r),
-                                                        range_max=min(cfg.range_max, 1 + r))  # fmt: skip
-        res = fit(evaluate, sub, steps, num_fit, num_heldout, log, progress, penalty)  # type: ignore[arg-type]
+        res = fit(evaluate, trust_box(cfg, r), steps, num_fit, num_heldout, log, progress, penalty)
         new_gens += res.new_generations
         best = rounded_schedule(name, res.theta, steps)
         anchor = drift = math.nan
         if use_features and not best.is_identity:
-            anchor = anchor_distance(feats(best, "heldout"), feats(ident, "heldout"))
+            anchor = anchor_distance(recorded_features(log, best, "heldout"), recorded_features(log, ident, "heldout"))
         if cfg.guard and not best.is_identity:
             new_gens += ensure_scored(evaluate, log, ident, REFERENCE_SPLIT, num_heldout)
-            drift = drift_ratio(feats(best, "heldout"), feats(ident, "heldout"), feats(ident, REFERENCE_SPLIT))
+            drift = drift_ratio(recorded_features(log, best, "heldout"), recorded_features(log, ident, "heldout"),
+                                recorded_features(log, ident, REFERENCE_SPLIT))  # fmt: skip
         gain = res.heldout_jaq_best - res.heldout_jaq_identity
         results.append(res)
         cands.append(Candidate(r, res.theta, best.is_identity, gain, anchor, drift))
