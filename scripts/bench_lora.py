@@ -31,13 +31,11 @@ TARGETS = {
 }
 
 
-def _best(fn, rounds: int) -> float:
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def _seconds(fn) -> float:
+    """Seconds one call of ``fn`` takes."""
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def measure(unet, args: tuple, kwargs: dict, rank: int, rounds: int) -> list[tuple[str, int, float, float]]:
@@ -59,9 +57,9 @@ def measure(unet, args: tuple, kwargs: dict, rank: int, rounds: int) -> list[tup
             call()
             for _ in range(rounds):
                 unet.disable_adapters()
-                off = min(off, _best(call, 1))
+                off = min(off, _seconds(call))
                 unet.enable_adapters()
-                on = min(on, _best(call, 1))
+                on = min(on, _seconds(call))
             rows.append((name, layers, off * 1e3, on * 1e3))
             unet.delete_adapters(name)
     return rows
@@ -93,6 +91,8 @@ def sdxl(folder: str, rank: int, rounds: int):
 
 
 def main(argv: list[str] | None = None) -> int:
+    from qdiff.bench.report import write_atomic
+
     p = argparse.ArgumentParser(description="LoRA branch overhead on quantized denoisers (CPU)")
     p.add_argument("--shapes", action="store_true")
     p.add_argument("--sdxl", help="a qdiff W8A8 export of a real-size SDXL UNet")
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     if args.out:
-        args.out.write_text(table + "\n")
+        write_atomic(args.out, table + "\n")
     return 0
 
 

@@ -28,6 +28,7 @@ MIX = (0.6, 0.8)
 
 def main(argv: list[str] | None = None) -> int:
     import qdiff
+    from qdiff.bench.report import write_atomic
     from qdiff.calib.metrics import ssim
     from qdiff.config.recipe import Recipe
     from qdiff.export.resolve import load_pipeline
@@ -95,9 +96,10 @@ def main(argv: list[str] | None = None) -> int:
              "| LoRA (set_adapters weights) | variant | SSIM vs FP + same LoRA | drawn on white | drawn large |",
              "|---|---|---|---|---|"]  # fmt: skip
     ssims: dict[tuple[str, str], float] = {}
+    effects = {key: rates(img) for key, img in results.items()}  # the classifier once per image set
     for (config, variant), img in results.items():
         ref = results[(config, "FP")]
-        bg, big = rates(img)
+        bg, big = effects[(config, variant)]
         ssims[(config, variant)] = s = float(ssim(img, ref).mean())
         shown = "-" if variant == "FP" else f"{s:.4f}"
         lines.append(f"| {config} | {variant} | {shown} | {100 * bg:.1f}% | {100 * big:.1f}% |")
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         w8 = ssims[(config, "shapes-w8a8")]
         w4, w4_base = ssims[(config, "shapes-w4a8")], ssims[("none", "shapes-w4a8")]
         gaps = [100 * abs(a - b) for variant in ("shapes-w8a8", "shapes-w4a8")
-                for a, b in zip(rates(results[(config, variant)]), rates(results[(config, "FP")]))]  # fmt: skip
+                for a, b in zip(effects[(config, variant)], effects[(config, "FP")])]  # fmt: skip
         lines.append(f"- {config}: W8A8 SSIM {w8:.4f} (target >= 0.98: {'met' if w8 >= 0.98 else 'MISSED'}); W4A8 "
                      f"{w4:.4f} vs {w4_base:.4f} without LoRA (target within 0.01: "
                      f"{'met' if abs(w4 - w4_base) <= 0.01 else 'MISSED'}); largest effect-rate gap to FP "
@@ -122,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     table = "\n".join(lines)
     print(table)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table + "\n")
+        write_atomic(args.out, table + "\n")
     return 0
 
 

@@ -51,23 +51,6 @@ def hoist_fake_quantize(model) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import copy
-
-    import openvino as ov
-
-    import qdiff
-    from qdiff.bench.cpu_openvino import _unet_inputs
-    from qdiff.bench.report import write_atomic
-    from qdiff.config.plan import Plan
-    from qdiff.config.recipe import Recipe
-    from qdiff.engines.openvino.convert import widen_for_int8_kernels
-    from qdiff.engines.openvino.export import write_openvino
-    from qdiff.engines.openvino.runtime import compile_config, load_openvino, read_ov_manifest
-    from qdiff.eval.peers import PEERS
-    from qdiff.export.resolve import load_pipeline
-    from qdiff.sampling.prompts import load_prompts
-    from qdiff.utils.machine import cpu_name
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mixdq-plan", required=True, help="a shapes-mixdq-w4a8 plan.json")
     ap.add_argument("--rounds", type=int, default=30)
@@ -75,18 +58,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", help="also write the tables here")
     args = ap.parse_args(argv)
 
-    tmp = Path(tempfile.mkdtemp(prefix="qdiff-ov-profile-"))
+    with tempfile.TemporaryDirectory(prefix="qdiff-ov-profile-") as tmp:
+        return _profile(args, Path(tmp))
+
+
+def _profile(args: argparse.Namespace, tmp: Path) -> int:
+    import copy
+
+    import openvino as ov
+    import torch
+
+    import qdiff
+    from qdiff.bench.cpu_openvino import _unet_inputs
+    from qdiff.bench.report import write_atomic
+    from qdiff.config.recipe import Recipe
+    from qdiff.engines.openvino.convert import widen_for_int8_kernels
+    from qdiff.engines.openvino.export import write_openvino
+    from qdiff.engines.openvino.runtime import compile_config, read_ov_manifest
+    from qdiff.eval.peers import PEERS
+    from qdiff.export.resolve import load_pipeline
+    from qdiff.sampling.prompts import load_prompts
+    from qdiff.utils.machine import cpu_name
+
     base = load_pipeline("builtin:shapes")
     folders = {}
     for name, recipe, plan in (("qdiff W8A8-static", "shapes-w8a8-static", None),
-                               ("qdiff MixDQ W4A8", "shapes-mixdq-w4a8", Plan.load(args.mixdq_plan))):  # fmt: skip
+                               ("qdiff MixDQ W4A8", "shapes-mixdq-w4a8", args.mixdq_plan)):  # fmt: skip
         folders[name] = tmp / recipe
         folders[name].mkdir()
         write_openvino(qdiff.quantize(copy.deepcopy(base), recipe, plan=plan, progress=False), folders[name])
     static = Recipe.load("shapes-w8a8-static")  # the peer calibrates on its prompts, as in qdiff bench cpu
     nncf, _ = PEERS["openvino-nncf-int8"].build(lambda: load_pipeline("builtin:shapes"), static, [])
     folders["NNCF int8"] = Path(nncf._qdiff_folder.name)
-    inputs = _unet_inputs(load_openvino(folders["qdiff W8A8-static"]), load_prompts("shapes-heldout", 16))
+    with torch.inference_mode():  # the float pipeline's text encoder, as qdiff bench cpu encodes them
+        inputs = _unet_inputs(base, load_prompts("shapes-heldout", 16))
     batch = inputs["sample"].shape[0]
     feed = {"sample": inputs["sample"].numpy(), "timestep": np.full((batch,), 499.0, np.float32),
             "encoder_hidden_states": inputs["encoder_hidden_states"].numpy()}  # fmt: skip

@@ -51,10 +51,13 @@ class Row:
     unet_mib: float | None  # the OpenVINO UNet's weights file on disk
 
 
-def _quantized(base, recipe: str, plan=None):
+def _quantized(base, recipe: str, plan: str | None = None):
+    """A quantized copy of ``base`` (``plan``: a plan.json path) on qdiff's int8 CPU kernels."""
     import qdiff
 
-    return qdiff.quantize(copy.deepcopy(base), recipe, plan=plan, progress=False)
+    pipe = qdiff.quantize(copy.deepcopy(base), recipe, plan=plan, progress=False)
+    set_kernel(pipe, INT8)
+    return pipe
 
 
 def _variants(tmp: Path, mixdq_plan: str | None) -> list[Variant]:
@@ -67,13 +70,7 @@ def _variants(tmp: Path, mixdq_plan: str | None) -> list[Variant]:
     place(bf16, "cpu", torch.bfloat16)
     dynamic = _quantized(base, "shapes-w8a8")
     static = _quantized(base, "shapes-w8a8-static")
-    mixdq = None
-    if mixdq_plan:
-        from qdiff.config.plan import Plan
-
-        mixdq = _quantized(base, "shapes-mixdq-w4a8", Plan.load(mixdq_plan))
-    for pipe in (dynamic, static, mixdq) if mixdq is not None else (dynamic, static):
-        set_kernel(pipe, INT8)
+    mixdq = _quantized(base, "shapes-mixdq-w4a8", mixdq_plan) if mixdq_plan else None
 
     def openvino(pipe, name: str, precision=None):
         folder = tmp / name
@@ -85,21 +82,22 @@ def _variants(tmp: Path, mixdq_plan: str | None) -> list[Variant]:
     nncf_bf16 = load_openvino(nncf._qdiff_folder.name, precision="bf16")
     twin_static, twin_dynamic = f"qdiff W8A8-static ({INT8}), fp32 parts", f"qdiff W8A8 ({INT8}), fp32 parts"
     twin_mixdq = f"qdiff MixDQ W4A8 ({INT8}), fp32 parts"
-    extra = (
-        []
-        if mixdq is None
-        else [
+    extra: list[Variant] = []
+    if mixdq is not None:
+        extra = [
             Variant(twin_mixdq, mixdq),
             Variant("qdiff MixDQ W4A8 on OpenVINO", openvino(mixdq, "mixdq"), twin_mixdq),
         ]
-    )
+    float_f32 = openvino(base, "fp32", "f32")
+    # the precision given to write_openvino is only recorded: the bf16 row loads the same float folder in bf16
+    float_bf16 = load_openvino(tmp / "fp32", precision="bf16")
     return [
         Variant("torch fp32", base),
         Variant("torch bf16", bf16),
         Variant(twin_dynamic, dynamic),
         Variant(twin_static, static),
-        Variant("OpenVINO fp32", openvino(base, "fp32", "f32")),
-        Variant("OpenVINO bf16", openvino(base, "bf16", "bf16")),
+        Variant("OpenVINO fp32", float_f32),
+        Variant("OpenVINO bf16", float_bf16),
         Variant("qdiff W8A8-static on OpenVINO", openvino(static, "static"), twin_static),
         Variant("qdiff W8A8 on OpenVINO", openvino(dynamic, "dynamic"), twin_dynamic),
         *extra,

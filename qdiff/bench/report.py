@@ -6,7 +6,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 
 from qdiff.utils.machine import cpu_name
-from qdiff.utils.perms import give_usual_mode
+from qdiff.utils.perms import usual_mkstemp
 
 # Dense INT8 tensor-core peak (TOPS) by device-name fragment, from the vendors' data sheets.
 INT8_PEAK_TOPS: tuple[tuple[str, float], ...] = (
@@ -106,13 +105,12 @@ def write_atomic(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = usual_mkstemp(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            give_usual_mode(tmp, directory=False)  # mkstemp creates 0600
+        with open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path

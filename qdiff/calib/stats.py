@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ from torch import Tensor
 from qdiff.errors import QdiffError
 from qdiff.numerics.primitives import compute_qparams, dequantize, quantize
 from qdiff.utils.finite import check_range
-from qdiff.utils.perms import give_usual_mode
+from qdiff.utils.perms import usual_mkstemp
 
 STATS_VERSION = 1
 STATS_TENSORS = "ranges.safetensors"
@@ -221,9 +220,13 @@ class CapturedStats:
             parts, meta = st.to_parts()
             tensors.update({f"{name}::{k}": v for k, v in parts.items()})
             per_layer[name] = meta
-        tmp = _tmp_path(folder, STATS_TENSORS)
-        save_file(tensors, str(tmp), metadata={"qdiff": "ranges"})
-        os.replace(tmp, folder / STATS_TENSORS)
+        tmp = usual_mkstemp(folder, prefix=f".{STATS_TENSORS}.")
+        try:
+            save_file(tensors, str(tmp), metadata={"qdiff": "ranges"})
+            os.replace(tmp, folder / STATS_TENSORS)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         doc = {"format": "qdiff-ranges", "version": STATS_VERSION, "meta": self.meta, "layers": per_layer}
         write_text_atomic(folder / STATS_JSON, json.dumps(doc, indent=1) + "\n")
         return folder
@@ -246,18 +249,15 @@ class CapturedStats:
         return cls(layers, doc.get("meta") or {})
 
 
-def _tmp_path(folder: Path, name: str) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
-    os.close(fd)
-    give_usual_mode(tmp, directory=False)  # mkstemp creates 0600
-    return Path(tmp)
-
-
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temp file beside ``path``, fsync, then rename over ``path``."""
-    tmp = _tmp_path(path.parent, path.name)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    tmp = usual_mkstemp(path.parent, prefix=f".{path.name}.")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 from PIL import Image
 
 from qdiff.errors import QdiffError
-from qdiff.utils.perms import give_usual_mode
+from qdiff.utils.perms import usual_mkstemp
 
 
 def to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
@@ -37,15 +36,14 @@ def save_png(image: Image.Image, path: str | Path) -> Path:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = usual_mkstemp(path.parent, prefix=f".{path.name}.", suffix=".tmp")
     except OSError as exc:
         raise QdiffError(f"cannot write {path}: {exc.strerror}") from None
     try:
-        with os.fdopen(fd, "wb") as f:
-            give_usual_mode(tmp, directory=False)  # mkstemp creates 0600
+        with open(tmp, "wb") as f:
             image.save(f, format="PNG")
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path

@@ -126,8 +126,9 @@ def _hub_snapshot(export: Path, root: Path) -> Path:
     for path in sorted(p for p in export.rglob("*") if p.is_file()):
         link = snapshot / path.relative_to(export)
         link.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(path, blobs / sha256_file(path))
-        link.symlink_to(os.path.relpath(blobs / sha256_file(path), link.parent))
+        blob = blobs / sha256_file(path)
+        shutil.copy(path, blob)
+        link.symlink_to(os.path.relpath(blob, link.parent))
     return snapshot
 
 

@@ -58,16 +58,19 @@ class _Part(nn.Module):
         super().__init__()
         self.ov, self.config = model, config
 
+    def _models(self) -> list[OVModel]:
+        """This component's compiled models: its own, plus the VAE's encoder where there is one."""
+        encoder = getattr(self, "encoder_ov", None)
+        return [self.ov] if encoder is None else [self.ov, encoder]
+
     def weight_nbytes(self) -> int:
         """Bytes of the weights this component hands the OpenVINO plugin (its model's constants after the loader's
         int8 widening; the VAE's encoder too), the analogue of a torch module's tensors."""
-        extra = getattr(self, "encoder_ov", None)
-        return self.ov.weight_bytes + (extra.weight_bytes if extra is not None else 0)
+        return sum(m.weight_bytes for m in self._models())
 
     def disk_nbytes(self) -> int:
         """Bytes of this component's ``openvino_model.bin`` file(s) on disk."""
-        extra = getattr(self, "encoder_ov", None)
-        return self.ov.disk_bytes + (extra.disk_bytes if extra is not None else 0)
+        return sum(m.disk_bytes for m in self._models())
 
     @property
     def dtype(self) -> torch.dtype:
@@ -176,7 +179,7 @@ def read_ov_manifest(folder: Path) -> dict[str, Any]:
 def verify_ov_folder(folder: Path, doc: dict[str, Any]) -> None:
     """Every file listed with its sha256, none unlisted, no link, no path outside (the export checks' rules)."""
     from qdiff.export.checks import SHA256, export_files, inside
-    from qdiff.export.manifest import sha256_file
+    from qdiff.utils.hashing import sha256_file
 
     present = {rel: p for rel, p in export_files(folder).items() if rel != OV_MANIFEST}
     listed = doc["files"]
