@@ -14,6 +14,7 @@ the images of the saved pipeline bit for bit (tests/lora/test_lora_shapes.py).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import re
 import sys
@@ -25,10 +26,10 @@ from typing import Any
 from torch import nn
 
 from qdiff.errors import QdiffError
-from qdiff.export.manifest import MANIFEST, read_manifest
 from qdiff.utils.hashing import sha256_file
 
 LORA_FOLDER = "lora"
+MANIFEST = "qdiff.json"  # the export's manifest (qdiff.export.manifest.MANIFEST; lora sits below export)
 _FILE = re.compile(rf"{LORA_FOLDER}/adapter-[0-9]+\.safetensors")
 _PEFT_ATTRS = ("peft_config", "_hf_peft_config_loaded")  # what diffusers / transformers keep on a model with LoRAs
 
@@ -130,9 +131,8 @@ def detached_loras(pipe) -> Iterator[SavedAdapters | None]:
 
 def saved_entry(folder: Path) -> tuple[dict[str, Any] | None, dict[str, str]]:
     """The ``lora_adapters`` entry of the export at ``folder`` (None: no adapters saved) and the manifest's file
-    hashes; the manifest is read and checked by :func:`~qdiff.export.manifest.read_manifest` (no symbolic link, a
-    qdiff export manifest of a readable format version)."""
-    manifest = read_manifest(folder)
+    hashes. Called on an export that ``qdiff.load`` has already read and checked (its manifest included)."""
+    manifest = json.loads((folder / MANIFEST).read_text())
     return manifest.get("lora_adapters") or None, manifest["files"]
 
 
